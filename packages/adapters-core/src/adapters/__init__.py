@@ -1,0 +1,76 @@
+"""adapters: plugin-based parameter-efficient fine-tuning for PyTorch and Hugging Face Transformers.
+
+``import adapters`` is cheap: it imports no method package and no model code. Core names are
+imported on first access; method names such as ``LoRAConfig`` are resolved through the plugin
+registry (``from adapters import LoRAConfig`` needs ``adapters-lora`` installed, and says so).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .hookspecs import PLUGIN_API_VERSION, hookimpl, hookspec
+
+__version__ = "0.1.0"
+
+# name -> module that defines it (imported on first access)
+_CORE_NAMES = {
+    "init": "model",
+    "load_model": "model",
+    "AdapterSetup": "context",
+    "ForwardContext": "context",
+    "AdapterModelInterface": "interface",
+    "InterfaceError": "points",
+    "AdapterConfig": "method",
+    "ConfigUnion": "method",
+    "AdapterMethod": "method",
+    "AdapterLayer": "method",
+    "AdapterError": "errors",
+    "AdapterNotFoundError": "errors",
+    "CompositionError": "errors",
+    "CheckpointError": "errors",
+    "PluginError": "plugins",
+    "MissingPluginError": "plugins",
+    "register_plugin": "plugins",
+    "registry": "plugins",
+    "AdapterTrainer": "trainer",
+    "composition": None,
+    "Stack": "composition",
+    "Fuse": "composition",
+    "Split": "composition",
+    "BatchSplit": "composition",
+    "Parallel": "composition",
+    "Average": "composition",
+    "MultiTask": "composition",
+}
+
+__all__ = ["__version__", "hookimpl", "hookspec", "PLUGIN_API_VERSION", *_CORE_NAMES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CORE_NAMES:
+        module_name = _CORE_NAMES[name]
+        if module_name is None:
+            return importlib.import_module(f".{name}", __name__)
+        value = getattr(importlib.import_module(f".{module_name}", __name__), name)
+        globals()[name] = value
+        return value
+    if name.startswith("__"):
+        raise AttributeError(name)
+    from .plugins import registry
+
+    if registry.has_export(name) or name[:1].isupper():
+        try:
+            value = registry.export(name)
+        except KeyError:
+            raise AttributeError(f"module 'adapters' has no attribute '{name}'") from None
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'adapters' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    from .plugins import registry
+
+    return sorted(set(__all__) | set(registry.entry_points().get("adapters.exports", {})))

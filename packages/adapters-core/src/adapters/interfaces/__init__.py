@@ -1,0 +1,1 @@
+"""Model interfaces shipped with core, registered as a plugin through core's own entry points."""

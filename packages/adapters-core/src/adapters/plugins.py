@@ -1,0 +1,329 @@
+"""Plugin discovery and the registry of adapter methods and model interfaces.
+
+Discovery reads entry-point *names* (groups ``adapters.methods``, ``adapters.exports`` and
+``adapters.interfaces``) without importing any plugin. A plugin module is imported and registered
+with the pluggy :class:`~pluggy.PluginManager` the first time one of its names is asked for;
+the hooks are *historic*, so a plugin registered at any time gets the ``register`` callbacks.
+
+Environment:
+
+* ``ADAPTERS_DISABLE_PLUGIN_AUTOLOAD=1`` -- ignore installed plugins (core's own built-in model
+  interfaces still load); register plugins in-process with :func:`register_plugin`.
+* ``ADAPTERS_PLUGINS=dist-a,dist-b`` -- load entry points only from these distributions
+  (core's built-in interfaces always load).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from . import hookspecs
+from .hookspecs import PROJECT
+
+if TYPE_CHECKING:
+    from .interface import AdapterModelInterface
+    from .method import AdapterConfig, AdapterMethod
+
+__all__ = [
+    "PluginError",
+    "MissingPluginError",
+    "PluginLoadWarning",
+    "PluginInfo",
+    "Registry",
+    "registry",
+    "register_plugin",
+    "FIRST_PARTY_NAMES",
+]
+
+GROUP_METHODS = "adapters.methods"
+GROUP_EXPORTS = "adapters.exports"
+GROUP_INTERFACES = "adapters.interfaces"
+CORE_DISTRIBUTION = "adapters-core"
+
+#: Names provided by this project's own method packages, used only to say which distribution to
+#: install when a name is not available. Core never imports these packages.
+FIRST_PARTY_NAMES: dict[str, tuple[str, ...]] = {
+    "adapters-lora": ("lora", "ia3", "dora", "mtl_lora", "LoRAConfig", "IA3Config", "DoRAConfig", "MTLLoRAConfig"),
+    "adapters-bottleneck": (
+        "bottleneck", "seq_bn", "pfeiffer", "double_seq_bn", "houlsby", "par_bn", "parallel", "scaled_par_bn",
+        "compacter", "compacter++", "adapterplus", "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig", "ParBnConfig",
+        "AdapterPlusConfig", "CompacterConfig", "CompacterPlusPlusConfig", "AdapterFusionConfig",
+        "StaticAdapterFusionConfig", "DynamicAdapterFusionConfig", "SeqBnInvConfig", "DoubleSeqBnInvConfig",
+    ),
+    "adapters-reft": ("reft", "loreft", "noreft", "direft", "ReftConfig", "LoReftConfig", "NoReftConfig",
+                      "DiReftConfig"),
+    "adapters-vera": ("vera", "VeraConfig"),
+}
+
+
+class PluginError(RuntimeError):
+    """A plugin is broken, or two plugins claim the same name."""
+
+
+class MissingPluginError(ModuleNotFoundError):
+    """A method or name was asked for whose plugin distribution is not installed."""
+
+
+class PluginLoadWarning(UserWarning):
+    """An installed plugin failed to import; the others keep working."""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One installed entry point: what it provides and where it comes from."""
+
+    group: str
+    name: str
+    module: str
+    distribution: str
+    version: str
+
+
+def _dist_of(ep: metadata.EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "<unknown distribution>", "?"
+    return dist.metadata["Name"] or dist.name, dist.version
+
+
+def _install_hint(name: str) -> str | None:
+    for dist, names in FIRST_PARTY_NAMES.items():
+        if name in names:
+            return dist
+    return None
+
+
+class Registry:
+    """Methods, exported names and model interfaces known to this process.
+
+    Use the module-level :data:`registry`; tests may build a private one.
+    """
+
+    def __init__(self, *, autoload: bool | None = None) -> None:
+        self._lock = threading.RLock()
+        self.pm = pluggy.PluginManager(PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        if autoload is None:
+            autoload = os.environ.get("ADAPTERS_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in {"1", "true", "yes"}
+        self.autoload = autoload
+        allow = os.environ.get("ADAPTERS_PLUGINS", "").strip()
+        self.allowed = {a.strip().lower() for a in allow.split(",") if a.strip()} or None
+        self.methods: dict[str, AdapterMethod] = {}
+        self.config_strings: dict[str, tuple[AdapterMethod, Any]] = {}
+        self.exports: dict[str, tuple[Any, str]] = {}
+        self.interfaces: dict[str, tuple[AdapterModelInterface, str]] = {}
+        self.failed: dict[str, tuple[PluginInfo, BaseException]] = {}
+        self._owner: dict[tuple[str, str], str] = {}
+        self._loaded_modules: set[str] = set()
+        self._current_distribution = "<in-process>"
+        self._entry_points: dict[str, dict[str, list[PluginInfo]]] | None = None
+        self.pm.hook.adapters_register_methods.call_historic(kwargs={"register": self._register_method})
+        self.pm.hook.adapters_register_model_interfaces.call_historic(kwargs={"register": self._register_interface})
+
+    # ------------------------------------------------------------------ discovery
+    def entry_points(self) -> dict[str, dict[str, list[PluginInfo]]]:
+        """Installed entry points by group and name (read once; nothing is imported)."""
+        if self._entry_points is None:
+            found: dict[str, dict[str, list[PluginInfo]]] = {}
+            for group in (GROUP_METHODS, GROUP_EXPORTS, GROUP_INTERFACES):
+                by_name: dict[str, list[PluginInfo]] = {}
+                for ep in metadata.entry_points(group=group):
+                    dist, version = _dist_of(ep)
+                    if dist.lower() != CORE_DISTRIBUTION:
+                        if not self.autoload or (self.allowed is not None and dist.lower() not in self.allowed):
+                            continue
+                    info = PluginInfo(group, ep.name, ep.value.split(":")[0], dist, version)
+                    entries = by_name.setdefault(ep.name, [])
+                    if all(e.distribution != info.distribution or e.module != info.module for e in entries):
+                        entries.append(info)
+                found[group] = by_name
+            self._entry_points = found
+        return self._entry_points
+
+    def installed(self) -> list[PluginInfo]:
+        """Every installed entry point, for listings (``adapters plugins``)."""
+        return [info for group in self.entry_points().values() for infos in group.values() for info in infos]
+
+    def _load_entry(self, group: str, name: str) -> bool:
+        infos = self.entry_points().get(group, {}).get(name, [])
+        dists = {i.distribution for i in infos}
+        if len(dists) > 1:
+            raise PluginError(
+                f"'{name}' is claimed by several installed distributions: "
+                + ", ".join(sorted(f"{i.distribution} {i.version} ({i.module})" for i in infos))
+                + ". Uninstall one of them, or choose one with ADAPTERS_PLUGINS=<distribution>."
+            )
+        loaded = False
+        for info in infos:
+            self.load_module(info)
+            loaded = True
+        return loaded
+
+    def load_module(self, info: PluginInfo) -> None:
+        """Import a plugin module and register it; a failure is recorded and reported, not raised."""
+        with self._lock:
+            if info.module in self._loaded_modules:
+                return
+            if info.module in self.failed:
+                return
+            try:
+                module = importlib.import_module(info.module)
+            except Exception as exc:  # noqa: BLE001 - report any plugin import failure
+                self.failed[info.module] = (info, exc)
+                warnings.warn(
+                    f"adapters plugin '{info.module}' from {info.distribution} {info.version} failed to load: "
+                    f"{type(exc).__name__}: {exc}. Other plugins keep working.",
+                    PluginLoadWarning,
+                    stacklevel=3,
+                )
+                return
+            self._loaded_modules.add(info.module)
+            self.register_plugin(module, distribution=info.distribution)
+
+    def load_all(self) -> None:
+        """Import every installed plugin (for listings; normal use loads plugins on demand)."""
+        for group in self.entry_points().values():
+            for infos in group.values():
+                for info in infos:
+                    self.load_module(info)
+
+    def register_plugin(self, plugin: object, *, distribution: str | None = None, name: str | None = None) -> None:
+        """Register an in-process plugin (a module or object with ``@hookimpl`` functions)."""
+        with self._lock:
+            if self.pm.is_registered(plugin):
+                return
+            previous = self._current_distribution
+            self._current_distribution = distribution or getattr(plugin, "__name__", type(plugin).__name__)
+            try:
+                self.pm.register(plugin, name=name)
+            finally:
+                self._current_distribution = previous
+
+    # ------------------------------------------------------------------ register callbacks
+    def _claim(self, kind: str, name: str) -> None:
+        owner = self._owner.get((kind, name))
+        dist = self._current_distribution
+        if owner is not None and owner != dist:
+            raise PluginError(f"{kind} '{name}' is registered by both {owner} and {dist}; names must be unique.")
+        self._owner[(kind, name)] = dist
+
+    def _register_method(self, method: AdapterMethod) -> None:
+        from .method import AdapterMethod
+
+        if not isinstance(method, AdapterMethod):
+            raise PluginError(
+                f"{self._current_distribution} registered {method!r}, which is not an adapters.method.AdapterMethod."
+            )
+        method.check_declaration()
+        self._claim("method", method.name)
+        strings = method.config_strings()
+        exports = method.exports()
+        for s in strings:
+            self._claim("config string", s)
+        for e in exports:
+            self._claim("exported name", e)
+        method.distribution = self._current_distribution
+        self.methods[method.name] = method
+        for s, factory in strings.items():
+            self.config_strings[s] = (method, factory)
+        for e, obj in exports.items():
+            self.exports[e] = (obj, self._current_distribution)
+
+    def _register_interface(self, model_type: str, interface: AdapterModelInterface) -> None:
+        from .interface import AdapterModelInterface
+
+        if not isinstance(interface, AdapterModelInterface):
+            raise PluginError(f"{self._current_distribution} registered {interface!r} for {model_type!r}, "
+                              "which is not an AdapterModelInterface.")
+        self._claim("model interface", model_type)
+        if interface.model_type is None:
+            interface.model_type = model_type
+        self.interfaces[model_type] = (interface, self._current_distribution)
+
+    # ------------------------------------------------------------------ lookups
+    def _missing(self, kind: str, name: str, known: Iterable[str]) -> Exception:
+        failed = [info for info, _ in self.failed.values() if name in self.entry_points().get(info.group, {})]
+        if failed:
+            info = failed[0]
+            exc = self.failed[info.module][1]
+            return PluginError(
+                f"{kind} '{name}' comes from {info.distribution} {info.version}, whose plugin module "
+                f"'{info.module}' failed to import: {type(exc).__name__}: {exc}"
+            )
+        dist = _install_hint(name)
+        if dist is not None:
+            return MissingPluginError(
+                f"{kind} '{name}' is provided by the '{dist}' distribution, which is not installed "
+                f"(or is disabled). Install it with: pip install {dist}"
+            )
+        available = ", ".join(sorted(known)) or "none installed"
+        return KeyError(f"Unknown {kind} '{name}'. Available: {available}.")
+
+    def method(self, name: str) -> AdapterMethod:
+        """The method registered under ``name`` (loading its plugin on first use)."""
+        with self._lock:
+            if name not in self.methods:
+                self._load_entry(GROUP_METHODS, name)
+            if name not in self.methods:
+                raise self._missing("adapter method", name, self.methods)
+            return self.methods[name]
+
+    def config_factory(self, config_string: str) -> tuple[AdapterMethod, Any]:
+        """``(method, factory)`` for a config string such as ``"lora"`` or ``"seq_bn"``."""
+        with self._lock:
+            if config_string not in self.config_strings:
+                self._load_entry(GROUP_METHODS, config_string)
+            if config_string not in self.config_strings:
+                known = set(self.config_strings) | set(self.entry_points().get(GROUP_METHODS, {}))
+                raise self._missing("adapter config", config_string, known)
+            return self.config_strings[config_string]
+
+    def export(self, name: str) -> Any:
+        """An exported object (e.g. ``LoRAConfig``) by name."""
+        with self._lock:
+            if name not in self.exports:
+                self._load_entry(GROUP_EXPORTS, name)
+            if name not in self.exports:
+                raise self._missing("name", name, set(self.exports) | set(self.entry_points().get(GROUP_EXPORTS, {})))
+            return self.exports[name][0]
+
+    def has_export(self, name: str) -> bool:
+        """Whether ``name`` is exported by a registered or installed plugin (nothing is imported)."""
+        return name in self.exports or name in self.entry_points().get(GROUP_EXPORTS, {})
+
+    def has_config_string(self, name: str) -> bool:
+        """Whether a config string is registered or installed (nothing is imported)."""
+        return name in self.config_strings or name in self.entry_points().get(GROUP_METHODS, {})
+
+    def interface(self, model_type: str) -> AdapterModelInterface | None:
+        """The interface registered for ``model_type``, or ``None``."""
+        with self._lock:
+            if model_type not in self.interfaces:
+                self._load_entry(GROUP_INTERFACES, model_type)
+            entry = self.interfaces.get(model_type)
+            return entry[0] if entry else None
+
+    def interface_types(self) -> list[str]:
+        """Model types with an interface (registered or installed)."""
+        return sorted(set(self.interfaces) | set(self.entry_points().get(GROUP_INTERFACES, {})))
+
+    def method_for_config(self, config: AdapterConfig) -> AdapterMethod:
+        """The method that implements a config instance."""
+        return self.method(config.method)
+
+
+registry = Registry()
+
+
+def register_plugin(plugin: object, *, distribution: str | None = None) -> None:
+    """Register an in-process plugin object or module with the global registry."""
+    registry.register_plugin(plugin, distribution=distribution)
