@@ -1,0 +1,692 @@
+"""``adapters.init`` and the model-level API it adds to a model.
+
+``init`` resolves the model's interface, validates every hook point, and gives the model the
+methods of :class:`AdapterModelMixin` by switching its class to a subclass that mixes them in
+(the original class stays the base, so ``isinstance`` checks keep working). Until an adapter is
+added and activated the model computes exactly what it did before.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import composition as ac
+from .context import ForwardContext, current_setup, pop_context, push_context
+from .errors import AdapterError, CompositionError
+from .interface import AdapterModelInterface
+from .method import AdapterConfig, AdapterLayer, AttachSite
+from .plugins import registry
+from .points import InterfaceError, resolve_points
+from .state import AdapterRecord, AdapterState, FusionRecord
+
+__all__ = ["init", "AdapterModelMixin", "load_model"]
+
+_class_cache: dict[type, type] = {}
+_call_local = threading.local()
+
+
+def _adapter_class(cls: type) -> type:
+    if issubclass(cls, AdapterModelMixin):
+        return cls
+    if cls not in _class_cache:
+        _class_cache[cls] = type(cls.__name__, (AdapterModelMixin, cls), {"__module__": cls.__module__,
+                                                                         "_adapters_original_class": cls})
+    return _class_cache[cls]
+
+
+def init(model: nn.Module, interface: AdapterModelInterface | None = None) -> nn.Module:
+    """Prepare ``model`` for adapters and return it (the same object).
+
+    :param model: any ``transformers`` model (base model or one with a task head), or any
+        ``nn.Module`` when ``interface`` is given.
+    :param interface: how to find the hook points; ``None`` uses the interface registered for
+        ``model.config.model_type``.
+    :raises InterfaceError: no interface is known for the model type, or a path does not exist.
+
+    Idempotent: a second call returns the model unchanged (with a different ``interface`` it is
+    an error, since adapters may already sit on the old hook points).
+    """
+    state = getattr(model, "_adapters_state", None)
+    if state is not None:
+        if interface is not None and interface != state.interface:
+            raise InterfaceError(
+                "This model was already initialised with a different interface; adapters may sit on its hook "
+                "points. Build a fresh model to use another interface."
+            )
+        return model
+    if interface is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        interface = registry.interface(model_type) if model_type else None
+        if interface is None:
+            known = ", ".join(registry.interface_types())
+            raise InterfaceError(
+                f"No model interface is registered for model type {model_type!r}. Pass one: "
+                f"adapters.init(model, interface=AdapterModelInterface(...)). Model types with an interface: {known}."
+            )
+    if not isinstance(interface, AdapterModelInterface):
+        raise TypeError(f"interface must be an AdapterModelInterface, got {type(interface).__name__}.")
+    points = resolve_points(model, interface)
+    state = AdapterState(model=model, interface=interface, points=points)
+    model.__class__ = _adapter_class(type(model))
+    model._adapters_state = state
+    try:
+        params = list(inspect.signature(type(model).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        params = []
+    state.forward_params = params  # type: ignore[attr-defined]
+    state.hook_handles.append(model.register_forward_pre_hook(_pre_forward, with_kwargs=True))
+    state.hook_handles.append(model.register_forward_hook(_post_forward, always_call=True))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- forward hooks
+_BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "decoder_input_ids")
+
+
+def _batch_size(args: tuple, kwargs: dict, params: list[str]) -> int | None:
+    named = dict(zip(params, args))
+    named.update(kwargs)
+    for key in _BATCH_KEYS:
+        value = named.get(key)
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def _replicate(value: Any, copies: int, batch: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    return value
+
+
+def _calls() -> list:
+    stack = getattr(_call_local, "stack", None)
+    if stack is None:
+        stack = _call_local.stack = []
+    return stack
+
+
+def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    state: AdapterState = model._adapters_state
+    setup_entry = current_setup(model) if _setups_active() else None
+    if not state.needs_context and setup_entry is None and "task_ids" not in kwargs:
+        _calls().append(None)
+        return None
+    previous = state.active
+    swapped = False
+    if setup_entry is not None and setup_entry.setup != state.active:
+        parsed = ac.parse_composition(setup_entry.setup)
+        if parsed is not None:
+            state.validate_setup(parsed)
+        state.apply_setup(parsed)
+        state.active = parsed
+        swapped = True
+    task_ids = kwargs.pop("task_ids", None)
+    if task_ids is None and setup_entry is not None:
+        task_ids = setup_entry.task_ids
+    ctx = ForwardContext()
+    params = getattr(state, "forward_params", [])
+    named = dict(zip(params, args))
+    named.update(kwargs)
+    ctx.attention_mask = named.get("attention_mask")
+    ctx.input_ids = named.get("input_ids")
+    if state.parallel_copies > 1:
+        batch = _batch_size(args, kwargs, params)
+        if batch is not None:
+            copies = state.parallel_copies
+            args = tuple(_replicate(a, copies, batch) for a in args)
+            kwargs = {k: _replicate(v, copies, batch) for k, v in kwargs.items()}
+            ctx.parallel = copies
+            if isinstance(ctx.attention_mask, torch.Tensor):
+                ctx.attention_mask = _replicate(ctx.attention_mask, copies, batch)
+            if isinstance(ctx.input_ids, torch.Tensor):
+                ctx.input_ids = _replicate(ctx.input_ids, copies, batch)
+    if state.multitask_names is not None:
+        if task_ids is None:
+            _calls().append((swapped, previous, False))
+            raise ValueError("The active setup is MultiTask: pass task_ids=[...] (one task per row) to forward.")
+        ctx.set_task_ids(_task_tensor(task_ids, state.multitask_names), len(state.multitask_names))
+    elif task_ids is not None and not swapped:
+        pass  # task_ids are accepted and ignored when no MultiTask setup is active
+    push_context(ctx)
+    _calls().append((swapped, previous, True))
+    return args, kwargs
+
+
+def _post_forward(model: nn.Module, args: tuple, output: Any) -> None:
+    stack = _calls()
+    entry = stack.pop() if stack else None
+    if entry is None:
+        return None
+    swapped, previous, pushed = entry
+    if pushed:
+        pop_context()
+    if swapped:
+        state: AdapterState = model._adapters_state
+        state.apply_setup(previous)
+        state.active = previous
+    return None
+
+
+def _setups_active() -> bool:
+    from . import context
+
+    return context._OPEN_SETUPS > 0
+
+
+def _task_tensor(task_ids: Any, names: list[str]) -> torch.Tensor:
+    if isinstance(task_ids, torch.Tensor):
+        return task_ids
+    ids = []
+    for t in task_ids:
+        if isinstance(t, str):
+            if t not in names:
+                raise ValueError(f"task_ids entry {t!r} is not one of the MultiTask adapters {names}.")
+            ids.append(names.index(t))
+        else:
+            ids.append(int(t))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------- model API
+class AdapterModelMixin:
+    """Methods added to a model by :func:`init`. Every failing call leaves the model unchanged."""
+
+    _adapters_state: AdapterState
+
+    # -- adapters --------------------------------------------------------------------------------
+    @property
+    def adapter_interface(self) -> AdapterModelInterface:
+        """The interface this model was initialised with."""
+        return self._adapters_state.interface
+
+    @property
+    def adapters_config(self) -> dict[str, AdapterConfig]:
+        """Config of every adapter, by name."""
+        return {n: r.config for n, r in self._adapters_state.adapters.items()}
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self._adapters_state.adapters
+
+    def add_adapter(self, adapter_name: str, config: Any = None, overwrite_ok: bool = False,
+                    set_active: bool = False) -> None:
+        """Add a new adapter.
+
+        :param adapter_name: a name made of letters, digits, ``_``, ``-``.
+        :param config: a config object, dict, or config string (``"lora"``, ``"lora[r=16]"``,
+            ``"lora|seq_bn"``); ``None`` uses ``seq_bn`` when the bottleneck plugin is installed.
+        :param overwrite_ok: replace an existing adapter of the same name.
+        :param set_active: activate the new adapter.
+        """
+        state = self._adapters_state
+        state.check_name(adapter_name)
+        if adapter_name in state.adapters and not overwrite_ok:
+            raise AdapterError(
+                f"An adapter named '{adapter_name}' already exists; pass overwrite_ok=True to replace it."
+            )
+        if config is None:
+            if not registry.has_config_string("seq_bn"):
+                raise AdapterError(
+                    "add_adapter needs a config (e.g. config='lora' or LoRAConfig(...)); the default 'seq_bn' needs "
+                    "the adapters-bottleneck plugin: pip install adapters-bottleneck"
+                )
+            config = "seq_bn"
+        config = AdapterConfig.load(config)
+        methods = []
+        for single in config.configs:
+            method = registry.method_for_config(single)
+            if not state.interface.accepts(method.name):
+                raise AdapterError(
+                    f"This model's interface accepts methods {state.interface.adapter_methods}, not '{method.name}'."
+                )
+            method.validate(single, state.points)
+            methods.append(method)
+        was_active = state.active is not None and adapter_name in _names(state.active)
+        if adapter_name in state.adapters:
+            if state.merged == adapter_name:
+                raise AdapterError(f"Adapter '{adapter_name}' is merged; call reset_adapter() before overwriting it.")
+            if was_active:
+                state.activate(None)
+            self.delete_adapter(adapter_name)
+        site = AttachSite(state, adapter_name)
+        try:
+            for method, single in zip(methods, config.configs):
+                method.attach(site, adapter_name, single)
+        except BaseException:
+            _undo_attach(state, site, adapter_name)
+            raise
+        state.adapters[adapter_name] = AdapterRecord(adapter_name, config, methods)
+        state.refresh()
+        if set_active:
+            self.set_active_adapters(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and every module it added; the model returns to its earlier state."""
+        state = self._adapters_state
+        record = state.record(adapter_name)
+        if state.merged == adapter_name:
+            raise AdapterError(f"Adapter '{adapter_name}' is merged into the weights; call reset_adapter() first.")
+        for fusion in [f for f in state.fusions.values() if adapter_name in f.adapter_names]:
+            self.delete_adapter_fusion(fusion.name)
+        if state.active is not None and adapter_name in _names(state.active):
+            state.activate(None)
+        for layer in state.layers(adapter_name):
+            layer.delete_adapter(adapter_name)
+            if layer.is_empty():
+                layer.detach_from_model()
+        container = state.shared_container()
+        if container is not None and adapter_name in container:
+            del container[adapter_name]
+        for method in record.methods:
+            method.after_delete(state, adapter_name)
+        del state.adapters[adapter_name]
+        state.refresh()
+
+    def get_adapter(self, name: str) -> dict[str, nn.Module]:
+        """The modules owning adapter ``name``'s parameters, by portable location."""
+        self._adapters_state.record(name)
+        return dict(self._adapters_state.adapter_modules(name))
+
+    def adapter_to(self, name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Move adapter ``name``'s weights to ``device`` and/or ``dtype``."""
+        for _, module in self._adapters_state.adapter_modules(name):
+            module.to(device=device, dtype=dtype)
+
+    def iter_layers(self) -> Iterator[tuple[int, nn.Module]]:
+        """``(index, layer)`` for every Transformer layer the interface names."""
+        for lp in self._adapters_state.points.layers:
+            yield lp.index, lp.module.module
+
+    # -- activation ------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> ac.AdapterCompositionBlock | None:
+        """The active setup, as a composition block (a single adapter is ``Stack(name)``)."""
+        active = self._adapters_state.active
+        return ac.Stack(active) if isinstance(active, str) else active
+
+    @active_adapters.setter
+    def active_adapters(self, setup: Any) -> None:
+        self.set_active_adapters(setup)
+
+    def set_active_adapters(self, adapter_setup: Any, skip_layers: Sequence[int] | None = None) -> None:
+        """Activate a setup: a name, a list (``Stack``), a composition block, or ``None`` to deactivate."""
+        if skip_layers:
+            raise AdapterError("skip_layers is not supported; use leave_out in the adapter config instead.")
+        self._adapters_state.activate(adapter_setup)
+
+    def train_adapter(self, adapter_setup: Any, train_embeddings: bool = False) -> None:
+        """Freeze the base model, make only the adapters of ``adapter_setup`` trainable, activate
+        the setup and switch to train mode. Task heads outside the base model keep their state."""
+        state = self._adapters_state
+        parsed = ac.parse_composition(adapter_setup)
+        if parsed is None:
+            raise AdapterError("train_adapter needs at least one adapter name.")
+        state.validate_setup(parsed)
+        names = _names(parsed)
+        self._freeze_base(True)
+        for name in state.adapters:
+            requires = name in names
+            for p in state.adapter_parameters(name):
+                p.requires_grad_(requires)
+        for fusion in state.fusions:
+            for p in state.fusion_parameters(fusion):
+                p.requires_grad_(False)
+        if train_embeddings and state.points.embeddings is not None:
+            for p in state.points.embeddings.module.parameters():
+                p.requires_grad_(True)
+        state.activate(parsed)
+        self.train()
+
+    def freeze_model(self, freeze: bool = True) -> None:
+        """Freeze (or unfreeze) every weight of the base model except adapter weights."""
+        self._freeze_base(freeze)
+
+    def _freeze_base(self, freeze: bool) -> None:
+        state = self._adapters_state
+        adapter_ids = {id(p) for name in state.adapters for p in state.adapter_parameters(name)}
+        adapter_ids |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
+        for p in state.points.base_model.parameters():
+            if id(p) not in adapter_ids:
+                p.requires_grad_(not freeze)
+
+    # -- merging ---------------------------------------------------------------------------------
+    def merge_adapter(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weights so it costs nothing at inference.
+
+        Only one adapter can be merged at a time; ``reset_adapter`` undoes it exactly. While merged
+        the adapter stays active (every setup must include it).
+        """
+        state = self._adapters_state
+        record = state.record(name)
+        cannot = [m.name for m in record.methods if not m.can_merge]
+        if cannot:
+            raise AdapterError(f"Adapter '{name}' cannot be merged: method(s) {cannot} do not support merging.")
+        if state.merged is not None:
+            raise AdapterError(f"Adapter '{state.merged}' is already merged; call reset_adapter() first.")
+        done: list[AdapterLayer] = []
+        try:
+            for layer in state.layers(name):
+                layer.merge_adapter(name)
+                done.append(layer)
+        except BaseException:
+            for layer in done:
+                layer.unmerge_adapter(name)
+            raise
+        state.merged = name
+        active = state.active
+        if active is None or name not in (active.children if isinstance(active, ac.Stack) else [active]):
+            state.active = name
+        state.refresh()
+
+    def reset_adapter(self) -> None:
+        """Undo :meth:`merge_adapter`: restore the base weights exactly."""
+        state = self._adapters_state
+        if state.merged is None:
+            return
+        name = state.merged
+        for layer in state.layers(name):
+            layer.unmerge_adapter(name)
+        state.merged = None
+        state.refresh()
+
+    # -- averaging and sharing -------------------------------------------------------------------
+    def average_adapter(self, adapter_name: str, adapter_list: Sequence[str], weights: Sequence[float] | None = None,
+                        combine_strategy: str = "linear", normalize_weights: bool = True, set_active: bool = False,
+                        **kwargs: Any) -> None:
+        """Create ``adapter_name`` whose weights combine those of ``adapter_list``.
+
+        ``combine_strategy="linear"`` averages every weight; methods may offer more (LoRA: SVD of
+        the averaged delta). All adapters must share the same config.
+        """
+        state = self._adapters_state
+        records = [state.record(n) for n in adapter_list]
+        if not records:
+            raise AdapterError("average_adapter needs at least one adapter in adapter_list.")
+        base = records[0].config
+        for r in records[1:]:
+            if r.config.to_dict() != base.to_dict():
+                raise AdapterError(
+                    f"average_adapter: '{r.name}' has a different config than '{records[0].name}'; "
+                    "only adapters with identical configs can be averaged."
+                )
+        weights = [1.0] * len(records) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(records):
+            raise AdapterError(f"average_adapter got {len(weights)} weights for {len(records)} adapters.")
+        if normalize_weights:
+            total = sum(weights)
+            if total == 0:
+                raise AdapterError("average_adapter weights sum to 0.")
+            weights = [w / total for w in weights]
+        self.add_adapter(adapter_name, base)
+        try:
+            sources = list(zip(adapter_list, weights))
+            for layer in state.layers(adapter_name):
+                layer.average_adapter(adapter_name, sources, combine_strategy, **kwargs)
+            for key, module in state.shared_modules(adapter_name).items():
+                src = state.shared_modules(adapter_list[0])[key]
+                module.load_state_dict(src.state_dict())
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+        if set_active:
+            self.set_active_adapters(adapter_name)
+
+    def share_parameters(self, adapter_names: Sequence[str], name: str | None = None,
+                         reference_adapter_name: str | None = None) -> None:
+        """Tie parameters of several adapters of one method (e.g. MTL-LoRA's shared ``A``/``B``)."""
+        state = self._adapters_state
+        records = [state.record(n) for n in adapter_names]
+        methods = {m.name: m for r in records for m in r.methods}
+        if len(methods) != 1:
+            raise AdapterError(f"share_parameters needs adapters of one method; got {sorted(methods)}.")
+        method = next(iter(methods.values()))
+        method.share_parameters(state, list(adapter_names), name or "_".join(adapter_names), reference_adapter_name)
+        state.refresh()
+
+    def unshare_parameters(self, adapter_names: Sequence[str] | None = None, name: str | None = None) -> None:
+        """Undo :meth:`share_parameters`: each adapter gets its own copy of the shared weights."""
+        state = self._adapters_state
+        names = list(adapter_names or state.adapters)
+        records = [state.record(n) for n in names]
+        methods = {m.name: m for r in records for m in r.methods}
+        for method in methods.values():
+            method.unshare_parameters(state, [r.name for r in records if method in r.methods])
+        state.refresh()
+
+    # -- fusion ----------------------------------------------------------------------------------
+    def add_adapter_fusion(self, adapter_names: Any, config: Any = None, name: str | None = None,
+                           overwrite_ok: bool = False, set_active: bool = False) -> str:
+        """Add an AdapterFusion layer over ``adapter_names`` (a ``Fuse`` block or a list). Returns its name."""
+        state = self._adapters_state
+        fuse = adapter_names if isinstance(adapter_names, ac.Fuse) else ac.Fuse(*adapter_names, name=name)
+        names = fuse.flatten()
+        records = [state.record(n) for n in names]
+        owners = {m.name: m for r in records for m in r.methods if "Fuse" in m.supported_blocks}
+        if len(owners) != 1:
+            raise AdapterError(f"AdapterFusion needs adapters of one method that supports Fuse; got {sorted(owners)}.")
+        method = next(iter(owners.values()))
+        fusion_name = name or fuse.fusion_name
+        if fusion_name in state.fusions:
+            if not overwrite_ok:
+                raise AdapterError(f"AdapterFusion '{fusion_name}' exists; pass overwrite_ok=True to replace it.")
+            self.delete_adapter_fusion(fusion_name)
+        try:
+            method.add_fusion(state, fusion_name, names, config)
+        except BaseException:
+            try:
+                method.delete_fusion(state, fusion_name)
+            except Exception:  # noqa: BLE001 - best-effort cleanup of a half-made fusion
+                pass
+            state.invalidate()
+            raise
+        state.fusions[fusion_name] = FusionRecord(fusion_name, names, method, config)
+        state.refresh()
+        if set_active:
+            self.set_active_adapters(ac.Fuse(*names, name=fusion_name))
+        return fusion_name
+
+    def delete_adapter_fusion(self, adapter_names: Any) -> None:
+        """Remove an AdapterFusion layer (by name, ``Fuse`` block or list of the fused adapters)."""
+        state = self._adapters_state
+        fusion_name = _fusion_name(adapter_names)
+        if fusion_name not in state.fusions:
+            raise AdapterError(f"No AdapterFusion '{fusion_name}' (have: {sorted(state.fusions)}).")
+        if state.active is not None and isinstance(state.active, ac.AdapterCompositionBlock) and \
+                fusion_name in repr(state.active):
+            state.activate(None)
+        state.fusions[fusion_name].method.delete_fusion(state, fusion_name)
+        del state.fusions[fusion_name]
+        state.refresh()
+
+    def train_adapter_fusion(self, adapter_setup: Any, unfreeze_adapters: bool = False) -> None:
+        """Train only the fusion layers of the ``Fuse`` blocks in ``adapter_setup`` (and, optionally, the
+        fused adapters)."""
+        state = self._adapters_state
+        parsed = ac.parse_composition(adapter_setup)
+        if parsed is None:
+            raise AdapterError("train_adapter_fusion needs a Fuse setup.")
+        if isinstance(parsed, str):
+            raise CompositionError("train_adapter_fusion needs a Fuse block, e.g. Fuse('a', 'b').")
+        state.validate_setup(parsed)
+        fusions = _fuse_blocks(parsed)
+        if not fusions:
+            raise CompositionError("train_adapter_fusion: the setup contains no Fuse block.")
+        self._freeze_base(True)
+        names = _names(parsed)
+        for name in state.adapters:
+            for p in state.adapter_parameters(name):
+                p.requires_grad_(unfreeze_adapters and name in names)
+        for fusion in state.fusions:
+            for p in state.fusion_parameters(fusion):
+                p.requires_grad_(fusion in fusions)
+        state.activate(parsed)
+        self.train()
+
+    # -- summary ---------------------------------------------------------------------------------
+    def adapter_summary(self, as_dict: bool = False) -> str | list[dict[str, Any]]:
+        """A table of adapters: name, method, #params, % of the base model, active, trainable."""
+        state = self._adapters_state
+        adapter_ids = {id(p) for n in state.adapters for p in state.adapter_parameters(n)}
+        adapter_ids |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
+        base_params = [p for p in _unique_parameters(self) if id(p) not in adapter_ids]
+        base_count = sum(p.numel() for p in base_params)
+        active = set(_names(state.active)) if state.active is not None else set()
+        rows = []
+        for name, record in state.adapters.items():
+            params = state.adapter_parameters(name)
+            count = sum(p.numel() for p in params)
+            rows.append({
+                "name": name,
+                "method": "+".join(record.method_names),
+                "#params": count,
+                "%params": 100.0 * count / base_count if base_count else 0.0,
+                "active": name in active,
+                "train": any(p.requires_grad for p in params),
+                "merged": state.merged == name,
+            })
+        for fusion_name, fusion in state.fusions.items():
+            params = state.fusion_parameters(fusion_name)
+            count = sum(p.numel() for p in params)
+            rows.append({
+                "name": f"Fuse[{fusion_name}]",
+                "method": f"{fusion.method.name}-fusion",
+                "#params": count,
+                "%params": 100.0 * count / base_count if base_count else 0.0,
+                "active": state.active is not None and fusion_name in repr(state.active),
+                "train": any(p.requires_grad for p in params),
+                "merged": False,
+            })
+        rows.append({
+            "name": "Full model",
+            "method": "",
+            "#params": base_count,
+            "%params": 100.0,
+            "active": True,
+            "train": any(p.requires_grad for p in base_params),
+            "merged": False,
+        })
+        if as_dict:
+            return rows
+        header = f"{'Name':<24}{'Architecture':<16}{'#Param':>12}{'%Param':>10}  {'Active':<7}{'Train':<6}"
+        lines = ["=" * len(header), header, "-" * len(header)]
+        for row in rows:
+            if row["name"] == "Full model":
+                lines.append("-" * len(header))
+            flag = " (merged)" if row["merged"] else ""
+            lines.append(
+                f"{row['name'][:23]:<24}{row['method'][:15]:<16}{row['#params']:>12,}{row['%params']:>10.3f}  "
+                f"{str(row['active']):<7}{str(row['train']):<6}{flag}"
+            )
+        lines.append("=" * len(header))
+        return "\n".join(lines)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_adapter(self, save_directory: str, adapter_name: str, with_head: bool = False,
+                     use_safetensors: bool = True, **kwargs: Any) -> None:
+        """Save one adapter (config + weights) to ``save_directory``; see :mod:`adapters.checkpoint`."""
+        from .checkpoint import save_adapter
+
+        save_adapter(self, save_directory, adapter_name, with_head=with_head, use_safetensors=use_safetensors,
+                     **kwargs)
+
+    def load_adapter(self, adapter_name_or_path: str, load_as: str | None = None, set_active: bool = False,
+                     with_head: bool = True, **kwargs: Any) -> str:
+        """Load an adapter from a directory or Hub repo id; return its name on this model."""
+        from .checkpoint import load_adapter
+
+        return load_adapter(self, adapter_name_or_path, load_as=load_as, set_active=set_active, with_head=with_head,
+                            **kwargs)
+
+    def save_all_adapters(self, save_directory: str, with_head: bool = False, use_safetensors: bool = True) -> None:
+        """Save every adapter into ``save_directory/<name>``."""
+        import os
+
+        for name in self._adapters_state.adapters:
+            self.save_adapter(os.path.join(save_directory, name), name, with_head=with_head,
+                              use_safetensors=use_safetensors)
+
+    def save_adapter_fusion(self, save_directory: str, adapter_names: Any, **kwargs: Any) -> None:
+        """Save an AdapterFusion layer's weights and config."""
+        from .checkpoint import save_adapter_fusion
+
+        save_adapter_fusion(self, save_directory, _fusion_name(adapter_names))
+
+    def load_adapter_fusion(self, path: str, load_as: str | None = None, set_active: bool = False) -> str:
+        """Load an AdapterFusion layer saved by :meth:`save_adapter_fusion` (the fused adapters must exist)."""
+        from .checkpoint import load_adapter_fusion
+
+        return load_adapter_fusion(self, path, load_as=load_as, set_active=set_active)
+
+    def push_adapter_to_hub(self, repo_id: str, adapter_name: str, **kwargs: Any) -> str:
+        """Upload adapter ``adapter_name`` to the Hugging Face Hub; see :mod:`adapters.hub`."""
+        from .hub import push_adapter_to_hub
+
+        return push_adapter_to_hub(self, repo_id, adapter_name, **kwargs)
+
+
+def _names(setup: Any) -> list[str]:
+    return [setup] if isinstance(setup, str) else setup.flatten()
+
+
+def _fusion_name(adapter_names: Any) -> str:
+    if isinstance(adapter_names, ac.Fuse):
+        return adapter_names.fusion_name
+    if isinstance(adapter_names, str):
+        return adapter_names
+    return ",".join(adapter_names)
+
+
+def _fuse_blocks(block: Any) -> set[str]:
+    if isinstance(block, str):
+        return set()
+    found = {block.fusion_name} if isinstance(block, ac.Fuse) else set()
+    for child in block.children:
+        found |= _fuse_blocks(child)
+    return found
+
+
+def _unique_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return list({id(p): p for p in module.parameters()}.values())
+
+
+def _undo_attach(state: AdapterState, site: AttachSite, name: str) -> None:
+    for layer in reversed(site.touched):
+        layer.delete_adapter(name)
+        if layer.is_empty():
+            layer.detach_from_model()
+    container = state.shared_container()
+    if container is not None and name in container:
+        del container[name]
+    state.invalidate()
+
+
+def load_model(model_or_path: Any, adapter_path: str, **kwargs: Any) -> nn.Module:
+    """Build (or take) a model, ``init`` it with the interface saved beside an adapter, and load it.
+
+    :param model_or_path: a model instance, or a path / model id for ``AutoModel.from_pretrained``.
+    :param adapter_path: a directory written by ``save_adapter`` (with ``adapter_interface.json``
+        when the model used a custom interface).
+    """
+    import os
+
+    from .interface import INTERFACE_FILE
+
+    model = model_or_path
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(model_or_path)
+    interface_file = os.path.join(adapter_path, INTERFACE_FILE)
+    interface = AdapterModelInterface.load(interface_file) if os.path.exists(interface_file) else None
+    init(model, interface=interface)
+    model.load_adapter(adapter_path, **kwargs)
+    return model

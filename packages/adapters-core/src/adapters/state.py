@@ -1,0 +1,270 @@
+"""Per-model adapter bookkeeping and activation: the registry of adapters on one model, and the
+compiler that turns an active setup into per-layer plans.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from . import composition as ac
+from .errors import AdapterError, AdapterNotFoundError, CompositionError
+from .interface import AdapterModelInterface
+from .method import AdapterConfig, AdapterLayer, AdapterMethod
+from .plan import (
+    IDENTITY,
+    AveragePlan,
+    BatchSplitPlan,
+    FusePlan,
+    Leaf,
+    MultiTaskPlan,
+    ParallelPlan,
+    PlanNode,
+    SplitPlan,
+    StackPlan,
+)
+from .points import ModelPoints
+
+__all__ = ["AdapterRecord", "AdapterState", "SHARED_ATTR"]
+
+#: Attribute of the model root that holds model-level adapter modules (``nn.ModuleDict``).
+SHARED_ATTR = "adapters_shared"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-+]+$")
+
+
+@dataclass
+class AdapterRecord:
+    """One adapter on a model: its name, config and the methods implementing it."""
+
+    name: str
+    config: AdapterConfig
+    methods: list[AdapterMethod]
+
+    @property
+    def method_names(self) -> list[str]:
+        return [m.name for m in self.methods]
+
+
+@dataclass
+class FusionRecord:
+    """One AdapterFusion layer set: its name, the fused adapters and the method that owns it."""
+
+    name: str
+    adapter_names: list[str]
+    method: AdapterMethod
+    config: Any = None
+
+
+@dataclass
+class AdapterState:
+    """Everything ``adapters.init`` attaches to a model (``model._adapters_state``).
+
+    Method plugins receive it in the optional :class:`~adapters.method.AdapterMethod` hooks:
+    ``state.model``, ``state.points`` (resolved hook points) and :meth:`layers` are public.
+    """
+
+    model: nn.Module
+    interface: AdapterModelInterface
+    points: ModelPoints
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)
+    fusions: dict[str, FusionRecord] = field(default_factory=dict)
+    active: ac.AdapterCompositionBlock | str | None = None
+    merged: str | None = None
+    needs_context: bool = False
+    parallel_copies: int = 1
+    multitask_names: list[str] | None = None
+    hook_handles: list[Any] = field(default_factory=list)
+    _layers: list[AdapterLayer] | None = None
+    _plan_cache: dict[Any, list[tuple[AdapterLayer, PlanNode | None]]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ lookups
+    def layers(self, name: str | None = None) -> list[AdapterLayer]:
+        """Every adapter layer in the model, or those hosting adapter ``name``."""
+        if self._layers is None:
+            self._layers = [m for m in self.model.modules() if isinstance(m, AdapterLayer)]
+        if name is None:
+            return list(self._layers)
+        return [layer for layer in self._layers if name in layer.adapters]
+
+    def invalidate(self) -> None:
+        """Forget cached layer lists and plans (after layers were added or removed)."""
+        self._layers = None
+        self._plan_cache.clear()
+
+    def record(self, name: str) -> AdapterRecord:
+        """The adapter called ``name``, or a clear error listing the existing ones."""
+        if name not in self.adapters:
+            have = ", ".join(sorted(self.adapters)) or "none"
+            raise AdapterNotFoundError(f"No adapter named '{name}' on this model (adapters: {have}).")
+        return self.adapters[name]
+
+    def shared_container(self, create: bool = False) -> nn.ModuleDict | None:
+        container = getattr(self.model, SHARED_ATTR, None)
+        if container is None and create:
+            container = nn.ModuleDict()
+            self.model.add_module(SHARED_ATTR, container)
+        return container
+
+    def shared_module(self, name: str, key: str, factory: Callable[[], nn.Module], created: list[str]) -> nn.Module:
+        """The model-level module ``key`` of adapter ``name`` (created by ``factory`` on first use)."""
+        container = self.shared_container(create=True)
+        if name not in container:
+            container[name] = nn.ModuleDict()
+        per_adapter = container[name]
+        if key not in per_adapter:
+            per_adapter[key] = factory()
+            created.append(key)
+        return per_adapter[key]
+
+    def shared_modules(self, name: str) -> dict[str, nn.Module]:
+        """Model-level modules of adapter ``name`` by key."""
+        container = self.shared_container()
+        if container is None or name not in container:
+            return {}
+        return dict(container[name].items())
+
+    def adapter_modules(self, name: str) -> Iterator[tuple[str, nn.Module]]:
+        """``(location, module)`` for every module that owns parameters of adapter ``name``."""
+        for layer in self.layers(name):
+            yield layer.location, layer.adapters[name]
+        for key, module in self.shared_modules(name).items():
+            yield f"shared.{key}", module
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """Every parameter of adapter ``name`` (each once)."""
+        seen: dict[int, nn.Parameter] = {}
+        for layer in self.layers(name):
+            for p in layer.adapter_parameters(name):
+                seen.setdefault(id(p), p)
+        for module in self.shared_modules(name).values():
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def fusion_parameters(self, fusion_name: str) -> list[nn.Parameter]:
+        fusion = self.fusions[fusion_name]
+        seen: dict[int, nn.Parameter] = {}
+        for module in fusion.method.fusion_modules(self, fusion_name).values():
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    @staticmethod
+    def check_name(name: str) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise AdapterError(
+                f"Invalid adapter name {name!r}: use letters, digits, '_', '-' or '+' (no dots, commas or spaces)."
+            )
+
+    # ------------------------------------------------------------------ activation
+    def validate_setup(self, setup: ac.AdapterCompositionBlock | str) -> None:
+        """Check names, method support for every enclosing block, and the merge rule."""
+
+        def visit(node: ac.AdapterCompositionBlock | str, ancestors: list[type]) -> None:
+            if isinstance(node, str):
+                record = self.record(node)
+                for method in record.methods:
+                    for block in ancestors:
+                        if block.__name__ not in method.supported_blocks:
+                            supported = ", ".join(sorted(method.supported_blocks)) or "none"
+                            raise CompositionError(
+                                f"Adapter '{node}' uses method '{method.name}', which does not support the "
+                                f"{block.__name__} block (it supports: {supported})."
+                            )
+                return
+            if isinstance(node, ac.Fuse) and node.fusion_name not in self.fusions:
+                raise CompositionError(
+                    f"No AdapterFusion '{node.fusion_name}' on this model; add it with "
+                    f"model.add_adapter_fusion({node.flatten()!r}) first."
+                )
+            for child in node.children:
+                visit(child, ancestors + [type(node)])
+
+        visit(setup, [])
+        if self.merged is not None:
+            top = setup.children if isinstance(setup, ac.Stack) else [setup]
+            if self.merged not in top:
+                raise CompositionError(
+                    f"Adapter '{self.merged}' is merged into the base weights, so every setup must include it "
+                    "(alone or in a top-level Stack). Call model.reset_adapter() first to use another setup."
+                )
+
+    def plans_for(self, setup: ac.AdapterCompositionBlock | str | None) -> list[tuple[AdapterLayer, PlanNode | None]]:
+        """Per-layer plans for ``setup`` (cached until adapters change)."""
+        key = repr(setup)
+        cached = self._plan_cache.get(key)
+        if cached is None:
+            cached = [(layer, None if setup is None else _restrict(setup, layer, self.merged)) for layer in self.layers()]
+            self._plan_cache[key] = cached
+        return cached
+
+    def apply_setup(self, setup: ac.AdapterCompositionBlock | str | None) -> None:
+        """Install the plans of an already validated setup on every layer."""
+        for layer, plan in self.plans_for(setup):
+            layer.set_plan(plan)
+        self.parallel_copies = len(setup) if isinstance(setup, ac.Parallel) else 1
+        self.multitask_names = (
+            [c if isinstance(c, str) else c.name for c in setup.children] if isinstance(setup, ac.MultiTask) else None
+        )
+        methods = {m for n in (_names(setup) if setup is not None else []) for m in self.adapters[n].methods}
+        self.needs_context = (
+            self.parallel_copies > 1 or self.multitask_names is not None or any(m.needs_context for m in methods)
+        )
+
+    def activate(self, setup: Any) -> None:
+        """Parse, validate and install ``setup`` (``None`` deactivates everything)."""
+        parsed = ac.parse_composition(setup)
+        if parsed is None:
+            if self.merged is not None:
+                raise CompositionError(
+                    f"Adapter '{self.merged}' is merged into the base weights; call model.reset_adapter() "
+                    "before deactivating it."
+                )
+        else:
+            self.validate_setup(parsed)
+        self.apply_setup(parsed)
+        self.active = parsed
+
+    def refresh(self) -> None:
+        """Recompile the current setup (after adapters were added, deleted or merged)."""
+        self.invalidate()
+        self.apply_setup(self.active)
+
+
+def _names(setup: ac.AdapterCompositionBlock | str) -> list[str]:
+    return [setup] if isinstance(setup, str) else setup.flatten()
+
+
+def _restrict(node: ac.AdapterCompositionBlock | str, layer: AdapterLayer, merged: str | None) -> PlanNode | None:
+    plan = _restrict_node(node, layer, merged)
+    return None if plan is IDENTITY else plan
+
+
+def _restrict_node(node: ac.AdapterCompositionBlock | str, layer: AdapterLayer, merged: str | None) -> PlanNode:
+    if isinstance(node, str):
+        return Leaf(node) if node in layer.adapters and node != merged else IDENTITY
+    children = tuple(_restrict_node(c, layer, merged) for c in node.children)
+    if isinstance(node, ac.Stack):
+        kept = tuple(c for c in children if c is not IDENTITY)
+        if not kept:
+            return IDENTITY
+        return kept[0] if len(kept) == 1 else StackPlan(kept)
+    if all(c is IDENTITY for c in children):
+        return IDENTITY
+    if isinstance(node, ac.Average):
+        return AveragePlan(children, tuple(node.weights))
+    if isinstance(node, ac.BatchSplit):
+        return BatchSplitPlan(children, tuple(node.batch_sizes))
+    if isinstance(node, ac.Split):
+        return SplitPlan(children, tuple(node.splits))
+    if isinstance(node, ac.Parallel):
+        return ParallelPlan(children)
+    if isinstance(node, ac.MultiTask):
+        return MultiTaskPlan(children, tuple(c if isinstance(c, str) else c.name for c in node.children))
+    if isinstance(node, ac.Fuse):
+        return FusePlan(children, node.fusion_name)
+    raise CompositionError(f"Unknown composition block {node!r}")

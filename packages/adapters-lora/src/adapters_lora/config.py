@@ -1,0 +1,113 @@
+"""Configs of the LoRA family (SPEC §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from adapters import AdapterConfig
+
+__all__ = ["LoRAConfig", "DoRAConfig", "IA3Config", "MTLLoRAConfig"]
+
+ATTN_MATRICES = ("q", "k", "v", "o")
+INIT_SCHEMES = ("lora", "bert", "ia3", "gaussian")
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """Low-rank adaptation: ``y = Wx + b + s·B(A·dropout(x))`` with ``s = alpha / r``.
+
+    :param selfattn_lora: adapt the attention projections named in ``attn_matrices``.
+    :param intermediate_lora: adapt the FFN up projection. :param output_lora: the FFN down projection.
+    :param leave_out: layer indices to skip. :param r: rank. :param alpha: scaling numerator.
+    :param dropout: dropout on the LoRA input. :param attn_matrices: any of ``q``, ``k``, ``v``, ``o``.
+    :param composition_mode: ``"add"`` (LoRA) or ``"scale"`` (IA3: ``y = l ⊙ (Wx + b)``).
+    :param init_weights: ``"lora"`` (A Kaiming-uniform, B zeros), ``"bert"`` (both N(0, 0.02)),
+        ``"ia3"`` (scaling vector of ones), ``"gaussian"`` (A N(0, 1/r), B zeros).
+    :param init_weights_seed: seed for a private generator (the global RNG is never touched).
+    :param use_gating: multiply the delta by a learned per-sequence gate.
+    :param use_dora: weight-decomposed LoRA. :param use_rslora: ``s = alpha / sqrt(r)``.
+    :param dtype: weight dtype (``"float32"``, ``"bfloat16"`` ...); ``None`` follows the base weight.
+    """
+
+    method: ClassVar[str] = "lora"
+
+    selfattn_lora: bool = True
+    intermediate_lora: bool = False
+    output_lora: bool = False
+    leave_out: list[int] = field(default_factory=list)
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    attn_matrices: list[str] = field(default_factory=lambda: ["q", "v"])
+    composition_mode: str = "add"
+    init_weights: str = "lora"
+    init_weights_seed: int | None = None
+    use_gating: bool = False
+    use_dora: bool = False
+    use_rslora: bool = False
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        self.leave_out = list(self.leave_out)
+        self.attn_matrices = list(self.attn_matrices)
+        bad = [m for m in self.attn_matrices if m not in ATTN_MATRICES]
+        if bad:
+            raise ValueError(f"attn_matrices may hold {list(ATTN_MATRICES)}, got {bad}.")
+        if self.composition_mode not in ("add", "scale"):
+            raise ValueError(f"composition_mode must be 'add' or 'scale', got {self.composition_mode!r}.")
+        if self.init_weights not in INIT_SCHEMES:
+            raise ValueError(f"init_weights must be one of {INIT_SCHEMES}, got {self.init_weights!r}.")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}.")
+        if self.use_dora and self.composition_mode != "add":
+            raise ValueError("use_dora needs composition_mode='add'.")
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); 1 in scale mode."""
+        if self.composition_mode == "scale":
+            return 1.0
+        return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+
+
+@dataclass
+class DoRAConfig(LoRAConfig):
+    """Weight-decomposed LoRA: ``y = m ⊙ (W + s·BA)x / ‖W + s·BA‖_row + b``, ``m`` starts at ``‖W‖_row``."""
+
+    use_dora: bool = True
+
+
+@dataclass
+class IA3Config(LoRAConfig):
+    """IA3: a learned per-feature scaling ``y = l ⊙ (Wx + b)`` of keys, values and the FFN up projection."""
+
+    attn_matrices: list[str] = field(default_factory=lambda: ["k", "v"])
+    intermediate_lora: bool = True
+    r: int = 1
+    alpha: float = 1
+    composition_mode: str = "scale"
+    init_weights: str = "ia3"
+
+
+@dataclass
+class MTLLoRAConfig(LoRAConfig):
+    """Multi-task LoRA: ``Δ = s·Σ_i softmax(w_t/τ)_i · B_i Λ_t A x`` for task ``t``.
+
+    :param n_up_projection: number of up projections ``B_i`` (shared across the tasks joined by
+        ``share_parameters``). :param task_specific_matrix_type: ``"singular_values"`` (diagonal
+        ``Λ_t``) or ``"linear"`` (full r×r). :param weights_sharpness: temperature ``τ``.
+    """
+
+    n_up_projection: int = 1
+    task_specific_matrix_type: str = "singular_values"
+    weights_sharpness: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.task_specific_matrix_type not in ("singular_values", "linear"):
+            raise ValueError("task_specific_matrix_type must be 'singular_values' or 'linear'.")
+        if self.n_up_projection < 1:
+            raise ValueError("n_up_projection must be at least 1.")
