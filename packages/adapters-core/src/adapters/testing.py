@@ -1,0 +1,224 @@
+"""Tiny random Transformers for tests (used by every package's test suite and by plugin authors): one builder per supported ``config.model_type``.
+
+Every model is built from a config (no downloads), seeded with ``torch.manual_seed(0)`` and put in
+eval mode. Sizes: hidden 32, 2 layers (2 encoder + 2 decoder layers for T5/BART), 4 heads (2
+key/value heads where the architecture has grouped-query attention), head dim 8, FFN width 64,
+vocabulary 128. ViT takes 32x32 images in 8x8 patches.
+
+Reuse from other test files::
+
+    from adapters.testing import MODEL_TYPES, tiny_model, tiny_inputs, supports
+
+    model = tiny_model("qwen3", "causal_lm")
+    out = model(**tiny_inputs(model))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = [
+    "DECODER_ONLY",
+    "ENCODER_DECODER",
+    "ENCODER_ONLY",
+    "GQA",
+    "HEADS",
+    "HEAD_DIM",
+    "HIDDEN",
+    "INTERMEDIATE",
+    "KV_HEADS",
+    "LAYERS",
+    "MODEL_TYPES",
+    "TASKS",
+    "VISION",
+    "VOCAB",
+    "supports",
+    "tiny_config",
+    "tiny_inputs",
+    "tiny_model",
+]
+
+HIDDEN = 32
+INTERMEDIATE = 64
+HEADS = 4
+KV_HEADS = 2
+HEAD_DIM = HIDDEN // HEADS
+LAYERS = 2
+VOCAB = 128
+#: Token ids below this are reserved for special tokens (pad/bos/eos/...); tiny_inputs never samples them.
+FIRST_PLAIN_TOKEN = 4
+
+DECODER_ONLY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "gpt2",
+                "gpt_neox", "opt")
+ENCODER_ONLY = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "modernbert")
+ENCODER_DECODER = ("t5", "bart")
+VISION = ("vit",)
+MODEL_TYPES = DECODER_ONLY + ENCODER_ONLY + ENCODER_DECODER + VISION
+#: Model types whose tiny model has fewer key/value heads than query heads.
+GQA = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3")
+
+#: ``task`` -> the Auto class that builds it.
+TASKS = {
+    "base": "AutoModel",
+    "causal_lm": "AutoModelForCausalLM",
+    "seq2seq_lm": "AutoModelForSeq2SeqLM",
+    "seq_cls": "AutoModelForSequenceClassification",
+}
+
+_DECODER_COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "intermediate_size": INTERMEDIATE,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "head_dim": HEAD_DIM,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+_BERT_COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "intermediate_size": INTERMEDIATE,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "max_position_embeddings": 64,
+    "pad_token_id": 1,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+}
+
+_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {**_DECODER_COMMON},
+    "mistral": {**_DECODER_COMMON, "sliding_window": None},
+    "qwen2": {**_DECODER_COMMON},
+    "qwen3": {**_DECODER_COMMON},
+    "gemma": {**_DECODER_COMMON},
+    "gemma2": {**_DECODER_COMMON, "sliding_window": 16},
+    "gemma3_text": {**_DECODER_COMMON, "sliding_window": 16},
+    "phi": {**_DECODER_COMMON},
+    "phi3": {**_DECODER_COMMON, "original_max_position_embeddings": 64},
+    "gpt2": {
+        "vocab_size": VOCAB, "n_embd": HIDDEN, "n_inner": INTERMEDIATE, "n_layer": LAYERS, "n_head": HEADS,
+        "n_positions": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+    },
+    "gpt_neox": {
+        "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS, "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "opt": {
+        "vocab_size": VOCAB, "hidden_size": HIDDEN, "ffn_dim": INTERMEDIATE, "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS, "word_embed_proj_dim": HIDDEN, "max_position_embeddings": 64,
+        "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2,
+    },
+    "bert": {**_BERT_COMMON, "pad_token_id": 0},
+    "roberta": {**_BERT_COMMON},
+    "xlm-roberta": {**_BERT_COMMON},
+    "electra": {**_BERT_COMMON, "embedding_size": HIDDEN, "pad_token_id": 0},
+    "distilbert": {
+        "vocab_size": VOCAB, "dim": HIDDEN, "hidden_dim": INTERMEDIATE, "n_layers": LAYERS, "n_heads": HEADS,
+        "max_position_embeddings": 64, "pad_token_id": 0,
+    },
+    "modernbert": {
+        "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS, "max_position_embeddings": 64, "local_attention": 16, "pad_token_id": 0,
+        "bos_token_id": 1, "cls_token_id": 1, "eos_token_id": 2, "sep_token_id": 2,
+    },
+    "t5": {
+        "vocab_size": VOCAB, "d_model": HIDDEN, "d_kv": HEAD_DIM, "d_ff": INTERMEDIATE, "num_layers": LAYERS,
+        "num_decoder_layers": LAYERS, "num_heads": HEADS, "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 16, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+    },
+    "bart": {
+        "vocab_size": VOCAB, "d_model": HIDDEN, "encoder_layers": LAYERS, "decoder_layers": LAYERS,
+        "encoder_attention_heads": HEADS, "decoder_attention_heads": HEADS, "encoder_ffn_dim": INTERMEDIATE,
+        "decoder_ffn_dim": INTERMEDIATE, "max_position_embeddings": 64, "pad_token_id": 1, "bos_token_id": 0,
+        "eos_token_id": 2, "decoder_start_token_id": 2, "forced_eos_token_id": None,
+    },
+    "vit": {
+        "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS, "image_size": 32, "patch_size": 8, "num_channels": 3, "encoder_stride": 8,
+    },
+}
+
+
+def supports(model_type: str, task: str) -> bool:
+    """Whether :func:`tiny_model` can build ``task`` for ``model_type``."""
+    if model_type not in _CONFIGS or task not in TASKS:
+        return False
+    if task == "base":
+        return True
+    if model_type in VISION:
+        return False
+    if task == "causal_lm":
+        # Encoder-only models have no (meaningful) causal LM; encoder-decoder models get their seq2seq LM.
+        return model_type in DECODER_ONLY or model_type in ENCODER_DECODER
+    if task == "seq2seq_lm":
+        return model_type in ENCODER_DECODER
+    return True  # seq_cls: every text model
+
+
+def tiny_config(model_type: str, **overrides: Any):
+    """The tiny config of ``model_type``; ``overrides`` replace or add config fields."""
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in _CONFIGS:
+        raise ValueError(f"No tiny config for model_type {model_type!r}; known: {sorted(_CONFIGS)}.")
+    kwargs = {**_CONFIGS[model_type], **overrides}
+    return CONFIG_MAPPING[model_type](**kwargs)
+
+
+def tiny_model(model_type: str, task: str = "base", *, attn_implementation: str = "eager", **overrides: Any):
+    """A tiny random model of ``model_type`` in eval mode (seeded with ``torch.manual_seed(0)``).
+
+    :param task: ``"base"`` (AutoModel), ``"causal_lm"`` (AutoModelForCausalLM; for T5/BART the
+        encoder-decoder LM, AutoModelForSeq2SeqLM), ``"seq2seq_lm"`` (T5/BART only) or ``"seq_cls"``
+        (AutoModelForSequenceClassification, 2 labels). ViT supports only ``"base"`` (a ViTModel).
+    :param overrides: config fields to change (e.g. ``feed_forward_proj="gated-gelu"`` for T5).
+    """
+    import transformers
+
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; use one of {sorted(TASKS)}.")
+    if not supports(model_type, task):
+        raise ValueError(f"tiny_model cannot build task {task!r} for model_type {model_type!r}.")
+    if task == "causal_lm" and model_type in ENCODER_DECODER:
+        task = "seq2seq_lm"
+    if task == "seq_cls":
+        overrides.setdefault("num_labels", 2)
+    config = tiny_config(model_type, **overrides)
+    auto_cls = getattr(transformers, TASKS[task])
+    torch.manual_seed(0)
+    model = auto_cls.from_config(config, attn_implementation=attn_implementation)
+    model.eval()
+    return model
+
+
+def tiny_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded forward inputs for a model built by :func:`tiny_model` (the global RNG is not touched).
+
+    Text models get ``input_ids`` (no special tokens, except a final EOS for T5/BART, which their
+    sequence-classification heads need) and an all-ones ``attention_mask``; T5/BART also get
+    ``decoder_input_ids`` of the same length; ViT gets ``pixel_values``.
+    """
+    config = model.config
+    model_type = config.model_type
+    gen = torch.Generator().manual_seed(seed)
+    if model_type in VISION:
+        size, channels = config.image_size, config.num_channels
+        return {"pixel_values": torch.randn(batch, channels, size, size, generator=gen)}
+    vocab = config.vocab_size
+    input_ids = torch.randint(FIRST_PLAIN_TOKEN, vocab, (batch, seq), generator=gen)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    if model_type in ENCODER_DECODER:
+        input_ids[:, -1] = config.eos_token_id
+        decoder_input_ids = torch.randint(FIRST_PLAIN_TOKEN, vocab, (batch, seq), generator=gen)
+        decoder_input_ids[:, 0] = config.decoder_start_token_id
+        inputs["decoder_input_ids"] = decoder_input_ids
+    return inputs
