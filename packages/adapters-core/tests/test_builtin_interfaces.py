@@ -10,21 +10,17 @@ after those adds.
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from adapters.interface import AdapterModelInterface
 from adapters.interfaces.builtin import BUILTIN_INTERFACES, VARIANT_INTERFACES, interface_for_config
 from adapters.plugins import GROUP_INTERFACES, registry
 from adapters.points import InterfaceError, ModelPoints, resolve_path, resolve_points
-from tiny_models import (
+from adapters.testing import (
     ENCODER_DECODER,
     GQA,
     HEAD_DIM,
@@ -236,6 +232,7 @@ def test_seq_cls_head_is_outside_the_points(model_type):
     assert head_params, "the classification head should live outside the base model"
     for lp in points.layers:
         assert all(id(p) in base_params for p in lp.module.module.parameters())
+
 
 # --------------------------------------------------------------------------- residual wiring
 

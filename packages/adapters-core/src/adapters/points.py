@@ -68,6 +68,17 @@ def resolve_path(root: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]
     return parent, _normalise_step(parent, steps[-1]), module
 
 
+def _normalise_path(root: nn.Module, path: str) -> str:
+    """``path`` with negative container indices made positive (so ``get_submodule`` finds it)."""
+    module, out = root, []
+    for step in path.split("."):
+        out.append(_normalise_step(module, step))
+        module = _child(module, step)
+        if module is None:
+            return path
+    return ".".join(out)
+
+
 def _closest(root: nn.Module, path: str) -> tuple[str, list[str]]:
     """The deepest existing prefix of ``path`` and the close child names at the point it breaks."""
     steps = path.split(".")
@@ -260,6 +271,7 @@ class _Resolver:
                 "Fix the path in your AdapterModelInterface."
             )
         parent, attr, _ = found
+        rel = _normalise_path(ref, rel)
         parent_path = rel.rsplit(".", 1)[0] if "." in rel else ""
         return ModulePoint(parent=parent, attr=attr, path=_join(ref_path, parent_path, attr), location=location)
 
@@ -350,6 +362,8 @@ def _resolve_layer(r: _Resolver, lp: ModulePoint, i: int, stack: int, config: ob
         ("ln_2", "layer_ln_2", False),
     ):
         rel = getattr(it, field_name)
+        if attr == "pre_cross_attn" and points.cross_attn is None:
+            continue  # only layers with cross-attention have a residual stream entering it
         if rel is not None:
             setattr(points, attr, r.point(field_name, layer, lpath, rel, f"layers.{i}.{attr}", where, optional))
     return points
