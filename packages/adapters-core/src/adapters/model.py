@@ -269,6 +269,11 @@ class AdapterModelMixin:
         except BaseException:
             _undo_attach(state, site, adapter_name)
             raise
+        for layer in site.touched:  # new modules start in train mode; follow the model's mode instead
+            if adapter_name in layer.adapters:
+                layer.adapters[adapter_name].train(layer.training)
+        for module in state.shared_modules(adapter_name).values():
+            module.train(self.training)
         state.adapters[adapter_name] = AdapterRecord(adapter_name, config, methods)
         state.refresh()
         if set_active:
@@ -291,6 +296,8 @@ class AdapterModelMixin:
         container = state.shared_container()
         if container is not None and adapter_name in container:
             del container[adapter_name]
+            if len(container) == 0:  # restore the original module tree exactly
+                delattr(self, "adapters_shared")
         for method in record.methods:
             method.after_delete(state, adapter_name)
         del state.adapters[adapter_name]
@@ -338,10 +345,11 @@ class AdapterModelMixin:
         state.validate_setup(parsed)
         names = _names(parsed)
         self._freeze_base(True)
+        # by id, so a parameter shared (share_parameters) with a trained adapter stays trainable
+        trained = {id(p) for name in names for p in state.adapter_parameters(name)}
         for name in state.adapters:
-            requires = name in names
             for p in state.adapter_parameters(name):
-                p.requires_grad_(requires)
+                p.requires_grad_(id(p) in trained)
         for fusion in state.fusions:
             for p in state.fusion_parameters(fusion):
                 p.requires_grad_(False)
@@ -671,6 +679,8 @@ def _undo_attach(state: AdapterState, site: AttachSite, name: str) -> None:
     container = state.shared_container()
     if container is not None and name in container:
         del container[name]
+        if len(container) == 0:
+            delattr(state.model, "adapters_shared")
     state.invalidate()
 
 

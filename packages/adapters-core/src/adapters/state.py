@@ -176,13 +176,13 @@ class AdapterState:
                                 f"{block.__name__} block (it supports: {supported})."
                             )
                 return
+            for child in node.children:  # children first: a method that cannot Fuse is the clearer error
+                visit(child, ancestors + [type(node)])
             if isinstance(node, ac.Fuse) and node.fusion_name not in self.fusions:
                 raise CompositionError(
                     f"No AdapterFusion '{node.fusion_name}' on this model; add it with "
                     f"model.add_adapter_fusion({node.flatten()!r}) first."
                 )
-            for child in node.children:
-                visit(child, ancestors + [type(node)])
 
         visit(setup, [])
         if self.merged is not None:

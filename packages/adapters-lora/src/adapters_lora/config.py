@@ -111,3 +111,7 @@ class MTLLoRAConfig(LoRAConfig):
             raise ValueError("task_specific_matrix_type must be 'singular_values' or 'linear'.")
         if self.n_up_projection < 1:
             raise ValueError("n_up_projection must be at least 1.")
+        if self.composition_mode != "add" or self.use_dora:
+            raise ValueError("MTL-LoRA needs composition_mode='add' and use_dora=False.")
+        if self.weights_sharpness <= 0:
+            raise ValueError("weights_sharpness (the softmax temperature) must be positive.")

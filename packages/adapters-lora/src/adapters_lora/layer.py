@@ -11,32 +11,39 @@ adapter, one call; other plans go through core's :func:`adapters.plan.execute`.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from adapters.errors import AdapterError
 from adapters.method import AdapterLayer, AttachSite
 from adapters.plan import Leaf, PlanOps, execute
 from adapters.points import linear_features
-from torch import nn
 
 from .config import LoRAConfig
 
-__all__ = ["LoRALinear", "LoRADelta", "IA3Scale", "DoRADelta"]
+__all__ = ["LoRALinear", "LoRADelta", "MTLLoRADelta", "IA3Scale", "DoRADelta", "FusedParts"]
 
 Rows = slice | torch.Tensor | None
 
 
-def _generator(config: LoRAConfig) -> torch.Generator | None:
+def _generator(config: LoRAConfig, key: str = "") -> torch.Generator | None:
+    """A private generator for ``init_weights_seed``: one stream per (seed, location), so layers differ."""
     if config.init_weights_seed is None:
         return None
-    return torch.Generator().manual_seed(int(config.init_weights_seed))
+    seed = (int(config.init_weights_seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
 
 
-def _init_pair(a: torch.Tensor, b: torch.Tensor, config: LoRAConfig) -> None:
-    """Initialise ``A`` and ``B`` on CPU float32 with a private generator (if seeded), then copy."""
-    gen = _generator(config)
+def _init_pair(a: torch.Tensor, b: torch.Tensor, config: LoRAConfig, key: str = "") -> None:
+    """Initialise ``A`` and ``B`` (any number of up projections) on CPU float32, then copy.
+
+    With ``init_weights_seed`` set, a private generator is used and the global RNG is untouched.
+    """
+    gen = _generator(config, key)
     a32 = torch.empty(a.shape, dtype=torch.float32)
     b32 = torch.zeros(b.shape, dtype=torch.float32)
     if config.init_weights == "bert":
@@ -51,29 +58,6 @@ def _init_pair(a: torch.Tensor, b: torch.Tensor, config: LoRAConfig) -> None:
         b.copy_(b32)
 
 
-def _place(y: torch.Tensor, delta: torch.Tensor, rows: Rows) -> torch.Tensor:
-    """``y`` plus ``delta`` on the output features ``rows`` (all features when ``None``)."""
-    if rows is None:
-        return y + delta
-    if isinstance(rows, slice):
-        parts = []
-        if rows.start:
-            parts.append(y[..., : rows.start])
-        parts.append(y[..., rows] + delta)
-        if rows.stop < y.shape[-1]:
-            parts.append(y[..., rows.stop:])
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    return y.index_add(-1, rows, delta)
-
-
-def _scale_rows(y: torch.Tensor, scale: torch.Tensor, rows: Rows) -> torch.Tensor:
-    if rows is None:
-        return y * scale
-    full = torch.ones(y.shape[-1], dtype=scale.dtype, device=scale.device)
-    full = full.index_copy(0, _as_index(rows, y.shape[-1], scale.device), scale)
-    return y * full
-
-
 def _as_index(rows: Rows, width: int, device: torch.device) -> torch.Tensor:
     if rows is None:
         return torch.arange(width, device=device)
@@ -82,117 +66,216 @@ def _as_index(rows: Rows, width: int, device: torch.device) -> torch.Tensor:
     return rows.to(device)
 
 
+def _add_low_rank(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float,
+                  index: torch.Tensor | None, owned: bool = False) -> torch.Tensor:
+    """``y + scaling · h Bᵀ`` on the output features ``index`` (all when ``None``), in one fused op.
+
+    ``owned``: ``y`` is a fresh tensor nobody else reads (the layer's own base output on the
+    single-adapter path), so the update is done in place (``addmm_`` / ``index_add_``): no
+    output-sized allocation beyond the base projection. Autograd allows it, since the base
+    projection's backward needs its inputs, not its output.
+    """
+    if b.dtype != y.dtype:  # adapter kept in another dtype (config.dtype): compute there, add in y's dtype
+        delta = F.linear(h, b) * scaling
+        delta = delta.to(y.dtype)
+        return y + delta if index is None else y.index_add(-1, index, delta)
+    if h.dtype != y.dtype:
+        h = h.to(y.dtype)
+    if index is None:
+        flat_h = h.reshape(-1, h.shape[-1])
+        if owned and y.is_contiguous():
+            y.view(-1, y.shape[-1]).addmm_(flat_h, b.t(), alpha=scaling)
+            return y
+        return torch.addmm(y.reshape(-1, y.shape[-1]), flat_h, b.t(), alpha=scaling).view(y.shape)
+    if owned:
+        return y.index_add_(-1, index, F.linear(h, b), alpha=scaling)
+    return y.index_add(-1, index, F.linear(h, b), alpha=scaling)
+
+
 class _AdapterBase(nn.Module):
-    """Shared plumbing of one adapter at one projection: rows of the output it touches, dropout, gate."""
+    """Shared plumbing of one adapter at one projection: rows of the output it touches, dropout, gate.
+
+    ``row_index`` (a non-persistent buffer, so it follows ``.to(device)`` and stays out of
+    checkpoints) holds the output features of a fused projection this adapter owns; ``None``: all.
+    """
+
+    #: Parameters tied across adapters by ``share_parameters``.
+    shareable: tuple[str, ...] = ()
 
     def __init__(self, config: LoRAConfig, in_features: int, out_rows: int, rows: Rows,
                  dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.config_r = config.r
-        self.scaling = config.scaling
-        self.rows: Rows = rows
+        self.scaling = float(config.scaling)
+        self.out_rows = out_rows
+        self.register_buffer("row_index", None if rows is None else _as_index(rows, 0, device), persistent=False)
+        #: the same rows as a slice when they are contiguous (weight rows are then a view, not a copy)
+        self.row_slice: slice | None = rows if isinstance(rows, slice) else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.gate = nn.Linear(in_features, 1, dtype=dtype, device=device) if config.use_gating else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
 
-    def _gate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        if self.gate is None:
-            return delta
-        gate = torch.sigmoid(self.gate(x))
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """Output features of the wrapped projection this adapter acts on (``None``: all)."""
+        return self.row_index
+
+    def _gate_value(self, x: torch.Tensor) -> torch.Tensor:
+        """The learned per-sequence gate in (0, 1): ``sigmoid(g(x))`` averaged over positions."""
+        gate = torch.sigmoid(self.gate(x.to(self.gate.weight.dtype)))
         if gate.dim() >= 3:
             gate = gate.mean(dim=-2, keepdim=True)  # one gate per sequence
-        return delta * gate
+        return gate
 
 
 class LoRADelta(_AdapterBase):
-    """``y + s·B(A·dropout(x))`` on the selected output rows."""
+    """``y + s·B(A·dropout(x))`` on the selected output rows.
+
+    The forward is two matmuls: ``h = A x`` (rank-sized) and one fused ``addmm`` (or ``index_add``
+    for a part of a fused projection) adding ``s·h Bᵀ`` to ``y``; the gate, when used, scales the
+    rank-sized ``h``.
+    """
+
+    shareable = ("lora_A", "lora_B")
 
     def __init__(self, config: LoRAConfig, in_features: int, out_rows: int, rows: Rows,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, key: str = "") -> None:
         super().__init__(config, in_features, out_rows, rows, dtype, device)
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_rows, config.r, dtype=dtype, device=device))
-        _init_pair(self.lora_A, self.lora_B, config)
+        _init_pair(self.lora_A, self.lora_B, config, key)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``h = A·dropout(x)`` (times the gate, if any): the rank-sized intermediate."""
+        h = x if self.dropout is None else self.dropout(x)
+        h = F.linear(h.to(self.lora_A.dtype), self.lora_A)
+        if self.gate is not None:
+            h = h * self._gate_value(x)
+        return h
+
+    def up_weight(self) -> torch.Tensor:
+        """The effective up projection ``B`` (out_rows × r)."""
+        return self.lora_B
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(x) if self.dropout is not None else x
-        return self._gate(x, F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling)
+        """``s·B A x`` on the adapter's rows only (out_rows features)."""
+        return F.linear(self.project(x), self.up_weight()) * self.scaling
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
-        return _place(y, self.delta(x), self.rows)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: LoRALinear, owned: bool = False) -> torch.Tensor:
+        return _add_low_rank(y, self.project(x), self.up_weight(), self.scaling, self.row_index, owned)
 
     def delta_weight(self) -> torch.Tensor:
-        """``s·BA`` (out_rows × in), for merging only."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        """``s·BA`` (out_rows × in), float32, for merging and averaging only."""
+        return (self.up_weight().float() @ self.lora_A.float()) * self.scaling
+
+
+class MTLLoRADelta(LoRADelta):
+    """MTL-LoRA for one task: ``y + s·Σ_i softmax(w_t/τ)_i · B_i Λ_t A x``.
+
+    ``lora_A`` (r × in) and ``lora_B`` (n_up × out_rows × r) are the parts shared across the tasks
+    joined by ``share_parameters``; ``task_matrix`` (``Λ_t``: an r vector for
+    ``"singular_values"``, an r × r matrix for ``"linear"``) and ``task_weights`` (``w_t``, the
+    n_up mixing logits, zeros at init) belong to this task.
+    """
+
+    def __init__(self, config: LoRAConfig, in_features: int, out_rows: int, rows: Rows,
+                 dtype: torch.dtype, device: torch.device, key: str = "") -> None:
+        _AdapterBase.__init__(self, config, in_features, out_rows, rows, dtype, device)
+        n_up = int(config.n_up_projection)
+        self.temperature = float(config.weights_sharpness)
+        self.diagonal = config.task_specific_matrix_type == "singular_values"
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(n_up, out_rows, config.r, dtype=dtype, device=device))
+        _init_pair(self.lora_A, self.lora_B, config, key)
+        lam = torch.ones(config.r) if self.diagonal else torch.eye(config.r)
+        self.task_matrix = nn.Parameter(lam.to(dtype=dtype, device=device))
+        self.task_weights = nn.Parameter(torch.zeros(n_up, dtype=dtype, device=device))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        h = super().project(x)
+        return h * self.task_matrix if self.diagonal else F.linear(h, self.task_matrix)
+
+    def mixing(self) -> torch.Tensor:
+        """``softmax(w_t / τ)``: the weights of the up projections for this task."""
+        return torch.softmax(self.task_weights.float() / self.temperature, dim=0).to(self.lora_B.dtype)
+
+    def up_weight(self) -> torch.Tensor:
+        """``Σ_i softmax(w_t/τ)_i · B_i`` (out_rows × r, small: never a full weight delta)."""
+        return torch.einsum("i,ior->or", self.mixing(), self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        lam = self.task_matrix.float()
+        a = self.lora_A.float() * lam.unsqueeze(1) if self.diagonal else lam @ self.lora_A.float()
+        return (self.up_weight().float() @ a) * self.scaling
 
 
 class IA3Scale(_AdapterBase):
     """``l ⊙ y`` on the selected output rows; ``l`` starts at ones."""
 
+    shareable = ("lora_B",)
+
     def __init__(self, config: LoRAConfig, in_features: int, out_rows: int, rows: Rows,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, key: str = "") -> None:
         super().__init__(config, in_features, out_rows, rows, dtype, device)
-        init = torch.ones(out_rows) if config.init_weights == "ia3" else torch.ones(out_rows)
+        init = torch.ones(out_rows)
         if config.init_weights in ("bert", "gaussian"):
-            init = init + torch.empty(out_rows).normal_(0.0, 0.02, generator=_generator(config))
+            init = init + torch.empty(out_rows).normal_(0.0, 0.02, generator=_generator(config, key))
         self.lora_B = nn.Parameter(init.to(dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
-        return _scale_rows(y, self.lora_B, self.rows)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: LoRALinear, owned: bool = False) -> torch.Tensor:
+        scale = self.lora_B.to(y.dtype)
+        if self.gate is not None:  # gated IA3: l' = 1 + g (l - 1)
+            scale = 1 + (scale - 1) * self._gate_value(x).to(y.dtype)
+        if self.row_index is None:
+            return y * scale
+        return y.index_copy(-1, self.row_index, y.index_select(-1, self.row_index) * scale)
 
 
 class DoRADelta(LoRADelta):
     """``m ⊙ (W + s·BA)x / ‖W + s·BA‖_row + b``.
 
-    The row norms are computed from ``‖W‖²`` (constant while ``W`` is frozen), ``W·Aᵀ`` and the
-    Gram matrix ``A·Aᵀ``, so the full ``W + s·BA`` is never built in the forward pass.
+    The row norms are computed from ``‖W‖²``, ``W·Aᵀ`` and the Gram matrix ``A·Aᵀ``, so the full
+    ``W + s·BA`` is never built in the forward pass. As in the DoRA paper, the norm is treated as
+    a constant in the backward pass.
     """
 
+    shareable = ("lora_A", "lora_B")
+
     def __init__(self, config: LoRAConfig, in_features: int, out_rows: int, rows: Rows,
-                 dtype: torch.dtype, device: torch.device, base_rows_weight: torch.Tensor) -> None:
-        super().__init__(config, in_features, out_rows, rows, dtype, device)
+                 dtype: torch.dtype, device: torch.device, base_rows_weight: torch.Tensor, key: str = "") -> None:
+        super().__init__(config, in_features, out_rows, rows, dtype, device, key)
         norm = base_rows_weight.detach().float().norm(dim=1)
         self.magnitude = nn.Parameter(norm.to(dtype=dtype, device=device))
 
     def row_norm(self, w_rows: torch.Tensor) -> torch.Tensor:
+        """``‖W + s·BA‖`` per output row, without forming ``W + s·BA``."""
         a, b, s = self.lora_A, self.lora_B, self.scaling
+        w_rows = w_rows.to(a.dtype)
         w_sq = (w_rows * w_rows).sum(dim=1)
         cross = (b * F.linear(w_rows, a)).sum(dim=1)  # B_i · (W_i Aᵀ)
         gram = F.linear(a, a)  # A Aᵀ (r × r)
         quad = ((b @ gram) * b).sum(dim=1)
         return (w_sq + 2 * s * cross + s * s * quad).clamp_min(1e-12).sqrt()
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
-        w_rows = layer.weight_rows(self.rows).detach()
-        factor = self.magnitude / self.row_norm(w_rows).detach()
-        bias = layer.bias_rows(self.rows)
-        base = _select(y, self.rows)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: LoRALinear, owned: bool = False) -> torch.Tensor:
+        rows = self.row_index
+        w_rows = layer.weight_rows(self.row_slice if self.row_slice is not None else rows).detach()
+        factor = (self.magnitude / self.row_norm(w_rows).detach()).to(y.dtype)
+        bias = layer.bias_rows(rows)
+        base = y if rows is None else y.index_select(-1, rows)
         if bias is not None:
             base = base - bias
-        out = (base + self.delta(x)) * factor
+        out = _add_low_rank(base, self.project(x), self.lora_B, self.scaling, None) * factor
         if bias is not None:
             out = out + bias
-        return _replace_rows(y, out, self.rows)
+        return out if rows is None else y.index_copy(-1, rows, out)
 
     def merged_rows(self, w_rows: torch.Tensor) -> torch.Tensor:
+        """The merged weight rows ``m ⊙ (W + s·BA) / ‖W + s·BA‖_row`` (float32)."""
         new = w_rows.float() + self.delta_weight()
         return new * (self.magnitude.float() / new.norm(dim=1)).unsqueeze(1)
-
-
-def _select(y: torch.Tensor, rows: Rows) -> torch.Tensor:
-    if rows is None:
-        return y
-    if isinstance(rows, slice):
-        return y[..., rows]
-    return y.index_select(-1, rows)
-
-
-def _replace_rows(y: torch.Tensor, new: torch.Tensor, rows: Rows) -> torch.Tensor:
-    if rows is None:
-        return new
-    return y.index_copy(-1, _as_index(rows, y.shape[-1], y.device), new)
 
 
 class _Ops(PlanOps):
@@ -222,7 +305,7 @@ class LoRALinear(AdapterLayer):
     # -- base computation ------------------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_conv1d:
-            shape = x.shape[:-1] + (self.out_features,)
+            shape = (*x.shape[:-1], self.out_features)
             flat = x.reshape(-1, x.shape[-1])
             out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
             return out.view(shape)
@@ -234,7 +317,7 @@ class LoRALinear(AdapterLayer):
         if plan is None:
             return y
         if type(plan) is Leaf:
-            return self.adapters[plan.name](x, y, self)
+            return self.adapters[plan.name](x, y, self, True)  # fast path: y is ours, update in place
         return execute(plan, (y, x), self._ops)
 
     def weight_rows(self, rows: Rows) -> torch.Tensor:
@@ -255,7 +338,7 @@ class LoRALinear(AdapterLayer):
 
     # -- adapters --------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoRAConfig, site: AttachSite) -> None:
-        self.adapters[name] = self._build(config, site, None)
+        self.adapters[name] = self._build(config, site, None, "")
 
     def add_fused_or_plain(self, name: str, config: LoRAConfig, site: AttachSite, rows: Rows,
                            which: str | None) -> None:
@@ -265,33 +348,103 @@ class LoRALinear(AdapterLayer):
             return
         if name not in self.adapters:
             self.adapters[name] = FusedParts()
-        self.adapters[name].parts[which] = self._build(config, site, rows)
+        self.adapters[name].parts[which] = self._build(config, site, rows, which)
 
-    def _build(self, config: LoRAConfig, site: AttachSite, rows: Rows) -> nn.Module:
+    def _build(self, config: LoRAConfig, site: AttachSite, rows: Rows, which: str) -> nn.Module:
         dtype = site.dtype_for(self.weight, config)
         device = self.weight.device
         out_rows = self.out_features if rows is None else _count(rows)
-        if isinstance(rows, torch.Tensor):
-            rows = rows.to(device)
+        key = f"{self.location}.{which}" if which else self.location
         if config.composition_mode == "scale":
-            module: nn.Module = IA3Scale(config, self.in_features, out_rows, rows, dtype, device)
-        elif config.use_dora:
-            module = DoRADelta(config, self.in_features, out_rows, rows, dtype, device, self.weight_rows(rows))
-        else:
-            module = LoRADelta(config, self.in_features, out_rows, rows, dtype, device)
-        return module
+            return IA3Scale(config, self.in_features, out_rows, rows, dtype, device, key)
+        if config.use_dora:
+            return DoRADelta(config, self.in_features, out_rows, rows, dtype, device, self.weight_rows(rows), key)
+        if getattr(config, "n_up_projection", None) is not None:
+            return MTLLoRADelta(config, self.in_features, out_rows, rows, dtype, device, key)
+        return LoRADelta(config, self.in_features, out_rows, rows, dtype, device, key)
+
+    def units(self, name: str) -> dict[str, nn.Module]:
+        """The per-matrix modules of adapter ``name`` (``{"": module}`` on a plain projection)."""
+        module = self.adapters[name]
+        return dict(module.parts.items()) if isinstance(module, FusedParts) else {"": module}
+
+    # -- sharing ---------------------------------------------------------------------------------
+    def share_parameters(self, names: list[str], reference: str) -> None:
+        """Make the shareable parameters (``A``, ``B``) of ``names`` the reference adapter's objects."""
+        ref_units = self.units(reference)
+        for name in names:
+            if name == reference:
+                continue
+            for key, unit in self.units(name).items():
+                ref = ref_units.get(key)
+                if ref is None or type(ref) is not type(unit):
+                    raise AdapterError(f"share_parameters: '{name}' and '{reference}' differ at {self.location}.")
+                for attr in unit.shareable:
+                    if getattr(ref, attr).shape != getattr(unit, attr).shape:
+                        raise AdapterError(f"share_parameters: {attr} of '{name}' and '{reference}' differ in shape "
+                                           f"at {self.location}.")
+                    setattr(unit, attr, getattr(ref, attr))
+
+    def unshare_parameters(self, names: list[str]) -> None:
+        """Give each adapter in ``names`` its own copy of its shareable parameters."""
+        for name in names:
+            for unit in self.units(name).values():
+                for attr in unit.shareable:
+                    old = getattr(unit, attr)
+                    setattr(unit, attr, nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad))
+
+    # -- averaging -------------------------------------------------------------------------------
+    def average_adapter(self, name: str, sources: list[tuple[str, float]], combine_strategy: str,
+                        **kwargs: Any) -> None:
+        """Fill adapter ``name`` from ``sources`` (``(name, weight)`` pairs).
+
+        ``"linear"``: every tensor (``A`` and ``B`` separately) is the weighted average.
+        ``"lora_delta_w_svd"``: the weighted average of the deltas ``ΔW = s·BA`` is truncated to
+        rank ``r`` by SVD and stored as ``A = √Σ Vᵀ``, ``B = U √Σ / s``, so the new adapter's delta is
+        the best rank-``r`` approximation of the averaged delta (exact when that has rank ≤ ``r``).
+        Other tensors (DoRA magnitude, gates) are averaged linearly.
+        """
+        if combine_strategy == "linear":
+            super().average_adapter(name, sources, combine_strategy, **kwargs)
+            return
+        if combine_strategy != "lora_delta_w_svd":
+            raise AdapterError(f"LoRA supports combine_strategy 'linear' or 'lora_delta_w_svd', "
+                               f"not {combine_strategy!r}.")
+        super().average_adapter(name, sources, "linear")  # magnitudes, gates: linear
+        for key, target in self.units(name).items():
+            if type(target) not in (LoRADelta, DoRADelta):
+                raise AdapterError(f"combine_strategy='lora_delta_w_svd' needs plain LoRA or DoRA adapters, "
+                                   f"not {type(target).__name__}.")
+            mixed = sum(w * self.units(src)[key].delta_weight() for src, w in sources)
+            u, sigma, vh = torch.linalg.svd(mixed, full_matrices=False)
+            r = target.lora_A.shape[0]
+            root = sigma[:r].sqrt()
+            new_a = torch.zeros_like(target.lora_A, dtype=torch.float32)
+            new_b = torch.zeros_like(target.lora_B, dtype=torch.float32)
+            k = root.shape[0]
+            new_a[:k] = root.unsqueeze(1) * vh[:r]
+            new_b[:, :k] = u[:, :r] * root.unsqueeze(0) / target.scaling
+            with torch.no_grad():
+                target.lora_A.copy_(new_a)
+                target.lora_B.copy_(new_b)
 
     # -- merging ---------------------------------------------------------------------------------
     def merge_adapter(self, name: str) -> None:
+        """Fold adapter ``name`` into ``weight`` (and, for IA3, ``bias``); an exact backup is kept.
+
+        An MTL-LoRA adapter merges its own task: ``W ← W + s·Σ_i softmax(w_t/τ)_i B_i Λ_t A``.
+        """
         self._backup = (self.weight.detach().clone(), None if self.bias is None else self.bias.detach().clone())
         try:
-            for unit in _units(self.adapters[name]):
+            for unit in self.units(name).values():
                 self._merge_unit(unit)
         except BaseException:
             self.unmerge_adapter(name)
             raise
 
     def _merge_unit(self, module: nn.Module) -> None:
+        if module.gate is not None:
+            raise AdapterError("A gated LoRA adapter cannot be merged: its gate depends on the input.")
         rows = module.rows
         index = _as_index(rows, self.out_features, self.weight.device)
         with torch.no_grad():
@@ -304,8 +457,6 @@ class LoRALinear(AdapterLayer):
             elif isinstance(module, DoRADelta):
                 new_w = module.merged_rows(w)  # DoRA leaves the bias as it is
             else:
-                if module.gate is not None:
-                    raise AdapterError("A gated LoRA adapter cannot be merged: its gate depends on the input.")
                 new_w = w + module.delta_weight()
             new_w = new_w.to(self.weight.dtype)
             if self.is_conv1d:
@@ -314,6 +465,7 @@ class LoRALinear(AdapterLayer):
                 self.weight.index_copy_(0, index, new_w)
 
     def unmerge_adapter(self, name: str) -> None:
+        """Restore the weights saved by :meth:`merge_adapter` (bit-exact)."""
         if self._backup is None:
             return
         weight, bias = self._backup
@@ -329,20 +481,16 @@ class LoRALinear(AdapterLayer):
 
 
 class FusedParts(nn.Module):
-    """One adapter on a fused QKV projection: a part per adapted matrix, each on its own rows."""
+    """One adapter on a fused QKV projection: a part per adapted matrix (at most three), each on its rows."""
 
     def __init__(self) -> None:
         super().__init__()
         self.parts = nn.ModuleDict()
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: LoRALinear, owned: bool = False) -> torch.Tensor:
         for part in self.parts.values():
-            y = part(x, y, layer)
+            y = part(x, y, layer, owned)
         return y
-
-
-def _units(module: nn.Module) -> list[nn.Module]:
-    return list(module.parts.values()) if isinstance(module, FusedParts) else [module]
 
 
 def _count(rows: Rows) -> int:

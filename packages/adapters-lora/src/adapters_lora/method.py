@@ -7,6 +7,7 @@ from typing import ClassVar
 from adapters.errors import AdapterError
 from adapters.method import AdapterMethod, AttachSite
 from adapters.points import ModelPoints
+from adapters.state import AdapterState
 
 from .config import DoRAConfig, IA3Config, LoRAConfig, MTLLoRAConfig
 from .layer import LoRALinear
@@ -45,6 +46,45 @@ class LoRAMethod(AdapterMethod):
         if not (wanted or config.intermediate_lora or config.output_lora):
             raise AdapterError("This LoRA config adapts nothing: enable selfattn_lora with attn_matrices, "
                                "intermediate_lora or output_lora.")
+
+    def share_parameters(self, state: AdapterState, adapter_names: list[str], name: str,
+                         reference: str | None) -> None:
+        """Tie ``A`` and ``B`` (MTL-LoRA: ``A`` and every ``B_i``) of ``adapter_names`` at every layer.
+
+        After the call the adapters hold the *same* Parameter objects, with the values of
+        ``reference`` (default: the first adapter). Task-specific tensors (MTL-LoRA ``Λ_t`` and
+        ``w_t``, DoRA magnitudes, gates) stay per adapter. All adapters must sit on the same layers.
+        """
+        if len(adapter_names) < 2:
+            raise AdapterError("share_parameters needs at least two adapters.")
+        reference = reference or adapter_names[0]
+        if reference not in adapter_names:
+            raise AdapterError(f"reference_adapter_name '{reference}' is not one of {adapter_names}.")
+        layers = {id(layer): layer for n in adapter_names for layer in state.layers(n)}
+        for layer in layers.values():
+            missing = [n for n in adapter_names if n not in layer.adapters]
+            if missing:
+                raise AdapterError(f"share_parameters: adapters {missing} are not at {layer.location}; adapters "
+                                   "must have the same placement (same config) to share parameters.")
+        # validate everything before changing anything, so a failure leaves the model as it was
+        for layer in layers.values():
+            for n in adapter_names:
+                ref_units, units = layer.units(reference), layer.units(n)
+                if set(ref_units) != set(units) or any(
+                    type(ref_units[k]) is not type(u)
+                    or any(getattr(ref_units[k], a).shape != getattr(u, a).shape for a in u.shareable)
+                    for k, u in units.items()
+                ):
+                    raise AdapterError(f"share_parameters: '{n}' and '{reference}' differ in structure at "
+                                       f"{layer.location}.")
+        for layer in layers.values():
+            layer.share_parameters(list(adapter_names), reference)
+
+    def unshare_parameters(self, state: AdapterState, adapter_names: list[str]) -> None:
+        """Give every adapter in ``adapter_names`` its own copy of its (possibly shared) ``A`` and ``B``."""
+        layers = {id(layer): layer for n in adapter_names for layer in state.layers(n)}
+        for layer in layers.values():
+            layer.unshare_parameters([n for n in adapter_names if n in layer.adapters])
 
     def attach(self, site: AttachSite, name: str, config: LoRAConfig) -> None:
         leave_out = set(config.leave_out)

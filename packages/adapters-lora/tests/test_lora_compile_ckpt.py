@@ -1,0 +1,39 @@
+"""torch.compile(fullgraph=True) and gradient checkpointing with an active LoRA adapter."""
+
+from __future__ import annotations
+
+import torch
+
+from adapters_lora import LoRAConfig
+
+
+def test_compile_fullgraph_matches_eager(helpers) -> None:
+    model = helpers.build("qwen3")
+    model.add_adapter("a", LoRAConfig(r=4, attn_matrices=["q", "k", "v", "o"], output_lora=True), set_active=True)
+    helpers.randomize_adapter(model, "a")
+    inputs = helpers.tiny_inputs(model)
+    eager = helpers.forward(model, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(**inputs).last_hidden_state
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing(helpers) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        model = helpers.build("qwen3", "causal_lm")
+        model.add_adapter("a", LoRAConfig(r=4, init_weights="bert", init_weights_seed=3))
+        model.train_adapter("a")
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.model.gradient_checkpointing
+        inputs = helpers.tiny_inputs(model)
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert all(g.abs().sum() > 0 for g in grads[1].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)
