@@ -249,11 +249,24 @@ class DoRADelta(LoRADelta):
         norm = base_rows_weight.detach().float().norm(dim=1)
         self.magnitude = nn.Parameter(norm.to(dtype=dtype, device=device))
 
+    def _base_sq_norms(self, w_rows: torch.Tensor) -> torch.Tensor:
+        """``‖W_i‖²`` per row, cached while the frozen weight is unchanged (keyed on its version
+        counter and storage), so the forward pass does not re-read and square the whole ``W``."""
+        key = (w_rows._version, w_rows.data_ptr(), w_rows.shape, w_rows.dtype, w_rows.device)
+        cached = self.__dict__.get("_sq_cache")
+        if cached is None or cached[0] != key or torch.compiler.is_compiling():
+            value = (w_rows * w_rows).sum(dim=1)
+            if torch.compiler.is_compiling():
+                return value
+            self.__dict__["_sq_cache"] = (key, value.detach())
+            return value
+        return cached[1]
+
     def row_norm(self, w_rows: torch.Tensor) -> torch.Tensor:
         """``‖W + s·BA‖`` per output row, without forming ``W + s·BA``."""
         a, b, s = self.lora_A, self.lora_B, self.scaling
         w_rows = w_rows.to(a.dtype)
-        w_sq = (w_rows * w_rows).sum(dim=1)
+        w_sq = self._base_sq_norms(w_rows)
         cross = (b * F.linear(w_rows, a)).sum(dim=1)  # B_i · (W_i Aᵀ)
         gram = F.linear(a, a)  # A Aᵀ (r × r)
         quad = ((b @ gram) * b).sum(dim=1)
@@ -317,7 +330,9 @@ class LoRALinear(AdapterLayer):
         if plan is None:
             return y
         if type(plan) is Leaf:
-            return self.adapters[plan.name](x, y, self, True)  # fast path: y is ours, update in place
+            # fast path: one adapter; y is ours, so it is updated in place; .forward skips the
+            # module-call machinery (adapter modules carry no hooks)
+            return self.adapters[plan.name].forward(x, y, self, True)
         return execute(plan, (y, x), self._ops)
 
     def weight_rows(self, rows: Rows) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""Profile one training step (or inference pass) of a method against the frozen base model.
+
+Prints torch.profiler tables (by self device time and by CPU time) for the base step and the
+adapter step, and the number of host-device synchronisations seen, so per-forward Python work
+and syncs show up. Usage::
+
+    python benchmarks/profile_step.py --device cuda --method lora_qv_r8 [--mode infer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import METHODS, adapter_train_step, base_train_step, build_base, infer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", default=None)
+    parser.add_argument("--method", default="lora_qv_r8", choices=list(METHODS))
+    parser.add_argument("--mode", choices=["train", "infer"], default="train")
+    parser.add_argument("--rows", type=int, default=18)
+    args = parser.parse_args()
+    import adapters
+
+    gpu = args.device.startswith("cuda")
+    size = args.size or ("0.6b" if gpu else "tiny")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    base = build_base(size, dtype, args.device)
+    model = copy.deepcopy(base)
+    adapters.init(model)
+    model.add_adapter("p", config=METHODS[args.method][0])
+    model.train_adapter("p")
+    model.eval()
+    shape = (8, 512) if gpu else (2, 64)
+    if args.mode == "train":
+        x = torch.randn(*shape, base.config.hidden_size, device=args.device, dtype=dtype)
+        fns = {"base": base_train_step(base, x), args.method: adapter_train_step(model, x)}
+    else:
+        ids = torch.randint(0, base.config.vocab_size, (1, 128), device=args.device)
+        fns = {"base": infer(base, ids), args.method: infer(model, ids)}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        if gpu:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                fn()
+            if gpu:
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        # device syncs (the one explicit synchronize after the loop included); .item() on CPU tensors
+        # (e.g. the optimizer's step counters) is not a device sync and is not counted
+        syncs = sum(e.count for e in events if "synchronize" in e.key.lower())
+        print(f"\n===== {name} ({args.mode}), 5 iterations; device synchronisations: {syncs}")
+        sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+        print(events.table(sort_by=sort, row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
