@@ -140,9 +140,9 @@ _CONFIG_RE = re.compile(r"^\s*([^\[\]|]+?)\s*(?:\[(.*)\])?\s*$", re.S)
 def _split_top(text: str, sep: str) -> list[str]:
     parts, depth, cur = [], 0, ""
     for ch in text:
-        if ch in "[(":
+        if ch in "[({":
             depth += 1
-        elif ch in "])":
+        elif ch in "])}":
             depth -= 1
         if ch == sep and depth == 0:
             parts.append(cur)
