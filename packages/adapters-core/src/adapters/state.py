@@ -159,6 +159,10 @@ class AdapterState:
             raise AdapterError(
                 f"Invalid adapter name {name!r}: use letters, digits, '_', '-' or '+' (no dots, commas or spaces)."
             )
+        if hasattr(nn.ModuleDict, name):
+            raise AdapterError(
+                f"Invalid adapter name {name!r}: it is the name of a torch.nn.Module attribute; choose another name."
+            )
 
     # ------------------------------------------------------------------ activation
     def validate_setup(self, setup: ac.AdapterCompositionBlock | str) -> None:

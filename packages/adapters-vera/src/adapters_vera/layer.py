@@ -1,0 +1,286 @@
+"""VeRA's modules: the shared random projections and the layer that replaces a linear projection.
+
+:class:`VeraProjections` is one model-level module per adapter (installed through
+``site.shared("projections", ...)``) holding the frozen random matrices ``A`` (``r × max_in``) and
+``B`` (``max_out × r``) as *buffers*: they are never trained, never counted as parameters, and with
+``save_projection=False`` they are non-persistent, so they stay out of checkpoints and are redrawn
+from ``projection_prng_key`` whenever the adapter is added (or loaded).
+
+:class:`VeraLinear` takes over the ``weight`` and ``bias`` of an ``nn.Linear`` or GPT-2 ``Conv1D``
+(the same tensors, so base state-dict keys do not change) and hosts one :class:`VeraVectors` per
+adapter: the trainable ``λ_d`` (``r``) and ``λ_b`` (output features) plus a reference to the
+shared projections, sliced to this layer's widths. The forward pass computes
+``y + s·λ_b ⊙ B(λ_d ⊙ A x)`` with two thin matrix products; ``ΔW`` is only formed when merging.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.errors import AdapterError
+from adapters.method import AdapterLayer, AttachSite
+from adapters.plan import Leaf, PlanOps, execute
+from adapters.points import linear_features
+
+from .config import VeraConfig
+
+__all__ = ["VeraProjections", "VeraVectors", "VeraFusedParts", "VeraLinear", "generate_projections",
+           "is_linear_like"]
+
+Rows = slice | torch.Tensor | None
+
+
+def generate_projections(key: int, r: int, max_in: int, max_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``A`` (``r × max_in``) and ``B`` (``max_out × r``) in float32 on CPU from ``key``.
+
+    A private ``torch.Generator`` seeded with ``key`` draws ``A`` first, then ``B``, each uniform in
+    ``±1/sqrt(fan_in)`` (``fan_in`` = ``max_in`` for ``A``, ``r`` for ``B``: Kaiming-uniform with
+    ``a = √5``). The global RNG is not touched, and the result is the same on every machine.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(key))
+    bound_a = 1.0 / math.sqrt(max_in)
+    bound_b = 1.0 / math.sqrt(r)
+    a = torch.empty(r, max_in, dtype=torch.float32).uniform_(-bound_a, bound_a, generator=gen)
+    b = torch.empty(max_out, r, dtype=torch.float32).uniform_(-bound_b, bound_b, generator=gen)
+    return a, b
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight ``in × out``, ``nf``)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(module, "nf")
+
+
+class VeraProjections(nn.Module):
+    """The frozen random projections of one VeRA adapter, shared by all its layers (buffers ``A``, ``B``)."""
+
+    def __init__(self, config: VeraConfig, max_in: int, max_out: int, dtype: torch.dtype,
+                 device: torch.device | None) -> None:
+        super().__init__()
+        self.key = int(config.projection_prng_key)
+        self.r = int(config.r)
+        self.max_in = int(max_in)
+        self.max_out = int(max_out)
+        a, b = generate_projections(self.key, self.r, self.max_in, self.max_out)
+        persistent = bool(config.save_projection)
+        self.register_buffer("A", a.to(dtype=dtype, device=device), persistent=persistent)
+        self.register_buffer("B", b.to(dtype=dtype, device=device), persistent=persistent)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, max_in={self.max_in}, max_out={self.max_out}, key={self.key}"
+
+
+def _place(y: torch.Tensor, delta: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """``y`` plus ``delta`` on the output features ``rows`` (all features when ``None``)."""
+    if rows is None:
+        return y + delta
+    if isinstance(rows, slice):
+        pieces = []
+        if rows.start:
+            pieces.append(y[..., : rows.start])
+        pieces.append(y[..., rows] + delta)
+        if rows.stop < y.shape[-1]:
+            pieces.append(y[..., rows.stop:])
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+    return y.index_add(-1, rows, delta)
+
+
+def _as_index(rows: Rows, width: int, device: torch.device) -> torch.Tensor:
+    if rows is None:
+        return torch.arange(width, device=device)
+    if isinstance(rows, slice):
+        return torch.arange(rows.start, rows.stop, device=device)
+    return rows.to(device)
+
+
+def _count(rows: Rows, width: int) -> int:
+    if rows is None:
+        return width
+    if isinstance(rows, slice):
+        return rows.stop - rows.start
+    return int(rows.numel())
+
+
+class VeraVectors(nn.Module):
+    """One VeRA adapter at one projection (or one part of a fused projection).
+
+    Parameters: ``lambda_d`` (``r``, init ``vera_d``) and ``lambda_b`` (``out_rows``, init ``vera_b``).
+    The shared :class:`VeraProjections` is referenced, not owned, so it is neither part of this
+    module's state dict nor of its parameters.
+    """
+
+    def __init__(self, config: VeraConfig, projections: VeraProjections, in_features: int, rows: Rows,
+                 out_rows: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        if in_features > projections.max_in or out_rows > projections.max_out:
+            raise AdapterError(f"VeRA projections ({projections.max_out}×{projections.r}, "
+                               f"{projections.r}×{projections.max_in}) are too small for a projection "
+                               f"{in_features} → {out_rows}.")
+        self.in_features = int(in_features)
+        self.out_rows = int(out_rows)
+        self.rows: Rows = rows
+        self.scaling = float(config.scaling)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.lambda_d = nn.Parameter(torch.full((config.r,), float(config.vera_d), dtype=dtype, device=device))
+        self.lambda_b = nn.Parameter(torch.full((out_rows,), float(config.vera_b), dtype=dtype, device=device))
+        self._shared = [projections]  # a plain list: referenced, not registered as a child
+
+    @property
+    def projections(self) -> VeraProjections:
+        """The adapter's shared random projections."""
+        return self._shared[0]
+
+    def sliced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A[:, :in]`` and ``B[:out_rows]``: this projection's views of the shared matrices."""
+        proj = self._shared[0]
+        return proj.A[:, : self.in_features], proj.B[: self.out_rows]
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``s·λ_b ⊙ B(λ_d ⊙ A·dropout(x))`` for this projection's output rows."""
+        a, b = self.sliced()
+        h = self.dropout(x) if self.dropout is not None else x
+        h = F.linear(h.to(a.dtype), a) * self.lambda_d
+        scale = self.lambda_b * self.scaling if self.scaling != 1.0 else self.lambda_b
+        return F.linear(h, b) * scale
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: VeraLinear) -> torch.Tensor:
+        return _place(y, self.delta(x).to(y.dtype), self.rows)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s·diag(λ_b) B diag(λ_d) A`` (``out_rows × in``, float32): for merging only."""
+        a, b = self.sliced()
+        left = b.float() * self.lambda_b.float().unsqueeze(1)
+        right = a.float() * self.lambda_d.float().unsqueeze(1)
+        return (left @ right) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"r={self.lambda_d.numel()}, in={self.in_features}, out={self.out_rows}, scaling={self.scaling}"
+
+
+class VeraFusedParts(nn.Module):
+    """One adapter on a fused q|k|v projection: a :class:`VeraVectors` per adapted matrix, on its own rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: VeraLinear) -> torch.Tensor:
+        for part in self.parts.values():
+            y = part(x, y, layer)
+        return y
+
+
+def _units(module: nn.Module) -> list[VeraVectors]:
+    return list(module.parts.values()) if isinstance(module, VeraFusedParts) else [module]
+
+
+class _Ops(PlanOps):
+    """VeRA plans run on ``(y, x)``: each adapter maps the base output ``y`` to an adapted output."""
+
+    def __init__(self, layer: VeraLinear) -> None:
+        self.layer = layer
+
+    def leaf(self, name: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        y, x = inputs
+        return self.layer.adapters[name](x, y, self.layer)
+
+
+class VeraLinear(AdapterLayer):
+    """A linear projection (``nn.Linear`` or ``Conv1D``) with VeRA adapters; shares ``weight``/``bias``."""
+
+    def __init__(self, base: nn.Module, location: str, fused: Any = None) -> None:
+        super().__init__(location)
+        if not is_linear_like(base):
+            raise AdapterError(f"VeRA can only wrap nn.Linear or Conv1D projections; {location} holds a "
+                               f"{type(base).__name__} (is another method's layer already there?).")
+        self.is_conv1d = not isinstance(base, nn.Linear)
+        self.in_features, self.out_features = linear_features(base)
+        self.weight = base.weight
+        self.bias = base.bias
+        self.fused = fused
+        self._backup: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._ops = _Ops(self)
+
+    # -- base computation ------------------------------------------------------------------------
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Exactly the wrapped module's computation."""
+        if self.is_conv1d:
+            shape = (*x.shape[:-1], self.out_features)
+            flat = x.reshape(-1, x.shape[-1])
+            out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
+            return out.view(shape)
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x)
+        plan = self.plan
+        if plan is None:
+            return y
+        if type(plan) is Leaf:
+            return self.adapters[plan.name](x, y, self)
+        return execute(plan, (y, x), self._ops)
+
+    # -- adapters --------------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: VeraConfig, site: AttachSite) -> None:
+        """Add adapter ``name`` over the whole output (its projections must already exist on ``site``)."""
+        self.add_part(name, config, site, site.shared("projections", _missing), None, None)
+
+    def add_part(self, name: str, config: VeraConfig, site: AttachSite, projections: VeraProjections,
+                 rows: Rows, which: str | None) -> None:
+        """Add adapter ``name``; on a fused projection, its part for matrix ``which`` on output ``rows``."""
+        dtype = site.dtype_for(self.weight, config)
+        device = self.weight.device
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(device)
+        vectors = VeraVectors(config, projections, self.in_features, rows, _count(rows, self.out_features),
+                              dtype, device)
+        if which is None:
+            self.adapters[name] = vectors
+            return
+        if name not in self.adapters:
+            self.adapters[name] = VeraFusedParts()
+        self.adapters[name].parts[which] = vectors
+
+    # -- merging ---------------------------------------------------------------------------------
+    def merge_adapter(self, name: str) -> None:
+        """``W ← W + s·diag(λ_b) B diag(λ_d) A`` on the adapter's rows (a backup is kept for reset)."""
+        self._backup = (self.weight.detach().clone(), None if self.bias is None else self.bias.detach().clone())
+        try:
+            with torch.no_grad():
+                for unit in _units(self.adapters[name]):
+                    index = _as_index(unit.rows, self.out_features, self.weight.device)
+                    if self.is_conv1d:
+                        current = self.weight.index_select(1, index).t().float()
+                        self.weight.index_copy_(1, index, (current + unit.delta_weight()).t().to(self.weight.dtype))
+                    else:
+                        current = self.weight.index_select(0, index).float()
+                        self.weight.index_copy_(0, index, (current + unit.delta_weight()).to(self.weight.dtype))
+        except BaseException:
+            self.unmerge_adapter(name)
+            raise
+
+    def unmerge_adapter(self, name: str) -> None:
+        """Restore the weight saved by :meth:`merge_adapter` exactly."""
+        if self._backup is None:
+            return
+        weight, bias = self._backup
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            if bias is not None:
+                self.bias.copy_(bias)
+        self._backup = None
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.is_conv1d else "Linear"
+        return f"{kind}(in={self.in_features}, out={self.out_features}), location={self.location}"
+
+
+def _missing() -> nn.Module:
+    raise AdapterError("VeRA projections must be created by VeraMethod.attach before layers are added.")
