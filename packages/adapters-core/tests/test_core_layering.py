@@ -38,6 +38,7 @@ def test_import_adapters_is_light() -> None:
     import subprocess
     import sys
 
-    code = "import sys, adapters; print(sorted(m for m in ('torch', 'transformers', 'adapters_lora') if m in sys.modules))"
+    code = ("import sys, adapters; "
+            "print(sorted(m for m in ('torch', 'transformers', 'adapters_lora') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

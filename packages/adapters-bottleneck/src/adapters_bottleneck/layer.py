@@ -212,7 +212,13 @@ class Bottleneck(nn.Module):
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
-        self.weight_dtype = dtype
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the adapter's weights have now (it follows ``model.to(dtype)``)."""
+        if isinstance(self.up, nn.Linear):
+            return self.up.weight.dtype
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
     def adapter_input(self, h: torch.Tensor, x: torch.Tensor | None, norm: Norm) -> torch.Tensor:
         """``h'``: ``x`` (parallel), ``LN(h + x)`` (``original_ln_before``) or ``h``."""

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from .errors import AdapterError, CheckpointError
-from .interface import INTERFACE_FILE
 
 __all__ = [
     "CONFIG_FILE",
@@ -56,6 +55,9 @@ class LoadedCheckpoint:
     meta: dict[str, Any] = field(default_factory=dict)
     head: dict[str, torch.Tensor] | None = None
     source: str = ""
+    #: For formats whose mapping depends on the target model (PEFT module paths): called by
+    #: :func:`apply_checkpoint` before anything changes; returns the checkpoint in native form.
+    resolve: Callable[[nn.Module], LoadedCheckpoint] | None = None
 
 
 Reader = Callable[[str], "LoadedCheckpoint | None"]
@@ -118,8 +120,10 @@ def _meta(model: nn.Module, name: str) -> dict[str, Any]:
 
 
 def save_adapter(model: nn.Module, directory: str, name: str, *, with_head: bool = False,
-                 use_safetensors: bool = True, custom_interface: bool | None = None) -> None:
+                 use_safetensors: bool = True, custom_interface: bool | None = None, format: str = "native") -> None:
     """Write adapter ``name`` to ``directory``.
+
+    ``format="peft"`` (or another foreign format known to :mod:`adapters.compat`) writes that format instead.
 
     Files: ``adapter_config.json`` (keys ``config``, ``name``, ``model_type``, ``model_name``,
     ``model_class``, ``hidden_size``, ``version``), ``adapter.safetensors`` (or ``adapter.bin`` with
@@ -127,6 +131,11 @@ def save_adapter(model: nn.Module, directory: str, name: str, *, with_head: bool
     ``with_head=True``, and ``adapter_interface.json`` when the model uses an interface that is not
     the one registered for its model type.
     """
+    if format != "native":
+        from .compat import save_foreign
+
+        save_foreign(model, directory, name, format)
+        return
     state = _state(model)
     tensors = adapter_tensors(model, name)
     meta = _meta(model, name)
@@ -201,7 +210,7 @@ def read_native(directory: str) -> LoadedCheckpoint | None:
         raise CheckpointError(f"{directory} has {CONFIG_FILE} but no weights file ({WEIGHTS_FILE}).")
     try:
         config = AdapterConfig.load(cfg)
-    except (AdapterError, TypeError, ValueError) as exc:
+    except (AdapterError, TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{config_path}: the adapter config cannot be used: {exc}") from None
     tensors = _read_tensors(existing[0])
     head_path = os.path.join(directory, HEAD_FILE)
@@ -223,6 +232,10 @@ def _resolve_directory(path: str, **hub_kwargs: Any) -> str:
 def read_checkpoint(path: str, **hub_kwargs: Any) -> LoadedCheckpoint:
     """Read a checkpoint from a directory or Hub repo id in any supported format."""
     directory = _resolve_directory(path, **hub_kwargs)
+    try:  # foreign-format readers register themselves into READERS on import
+        import adapters.compat  # noqa: F401
+    except ImportError:
+        pass
     for reader in [read_native, *READERS]:
         loaded = reader(directory)
         if loaded is not None:
@@ -243,6 +256,8 @@ def apply_checkpoint(model: nn.Module, loaded: LoadedCheckpoint, *, load_as: str
                      set_active: bool = False, with_head: bool = True) -> str:
     """Add the adapter described by ``loaded`` to ``model`` and fill in its weights (all-or-nothing)."""
     state = _state(model)
+    if loaded.resolve is not None:
+        loaded = loaded.resolve(model)
     source = loaded.source or "<checkpoint>"
     meta = loaded.meta
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -260,7 +275,12 @@ def apply_checkpoint(model: nn.Module, loaded: LoadedCheckpoint, *, load_as: str
     name = load_as or loaded.name
     if name in state.adapters:
         raise CheckpointError(f"This model already has an adapter named '{name}'; pass load_as='other_name'.")
-    model.add_adapter(name, loaded.config)
+    try:  # add_adapter is all-or-nothing itself; report a config it refuses as a checkpoint problem
+        model.add_adapter(name, loaded.config)
+    except CheckpointError:
+        raise
+    except (AdapterError, TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{source}: the saved adapter cannot be added to this model: {exc}") from None
     try:
         _fill(model, name, loaded.tensors, source)
         if with_head and loaded.head:

@@ -115,7 +115,7 @@ class Split(AdapterCompositionBlock):
         super().__init__(*children)
         splits = [splits] if isinstance(splits, int) else list(splits)
         if len(splits) == len(self.children) - 1:
-            splits = splits + [-1]
+            splits = [*splits, -1]
         if len(splits) != len(self.children) or any(not isinstance(s, int) for s in splits):
             raise CompositionError(f"Split needs one integer split per child, got splits={splits!r}.")
         self.splits = splits
@@ -153,7 +153,8 @@ class Parallel(AdapterCompositionBlock):
 class Average(AdapterCompositionBlock):
     """Weighted average of the children's outputs, weights normalised to sum to 1 (default: equal)."""
 
-    def __init__(self, *children: Setup, weights: Sequence[float] | None = None, normalize_weights: bool = True) -> None:
+    def __init__(self, *children: Setup, weights: Sequence[float] | None = None,
+                 normalize_weights: bool = True) -> None:
         super().__init__(*children)
         weights = [1.0] * len(self.children) if weights is None else [float(w) for w in weights]
         if len(weights) != len(self.children):

@@ -1,4 +1,17 @@
-"""Hugging Face Hub: download adapters by repo id and push saved adapters, via ``huggingface_hub``."""
+"""Hugging Face Hub: download adapters by repo id and push saved adapters, via ``huggingface_hub``.
+
+Loading calls ``huggingface_hub.snapshot_download``, so ``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE`` and the
+on-disk cache layout (``models--org--name/snapshots/<commit>/``, ``refs/main``) behave as for any Hub
+download; the snapshot may hold any format :func:`adapters.checkpoint.read_checkpoint` reads (native,
+PEFT, AdapterHub 1.x). Pushing saves the adapter (``format=`` passes through to ``save_adapter``) plus a
+generated model card naming the base model, the method(s) and the config, then calls ``create_repo``
+and ``upload_folder`` on an ``HfApi`` (or the ``api=`` object given).
+
+Tried: offline loading from a cache directory in the Hub's layout (also in a fresh process driven only by
+the environment variables) and pushing to a stand-in ``HfApi`` (``tests/test_hub.py``). Not tried: the
+real huggingface.co service (no network access where this was built): authentication, online
+downloads and real uploads are untested here.
+"""
 
 from __future__ import annotations
 

@@ -330,13 +330,16 @@ class AdapterLayer(nn.Module):
         """Trainable parameters of adapter ``name`` at this layer."""
         return self.adapters[name].parameters()
 
-    def average_adapter(self, name: str, sources: list[tuple[str, float]], combine_strategy: str, **kwargs: Any) -> None:
+    def average_adapter(self, name: str, sources: list[tuple[str, float]], combine_strategy: str,
+                        **kwargs: Any) -> None:
         """Fill the (already added) adapter ``name`` with a combination of ``sources``.
 
         The default ``linear`` strategy averages every tensor with the given weights.
         """
         if combine_strategy != "linear":
-            raise AdapterError(f"{type(self).__name__} supports only combine_strategy='linear', not {combine_strategy!r}.")
+            raise AdapterError(
+                f"{type(self).__name__} supports only combine_strategy='linear', not {combine_strategy!r}."
+            )
         target = self.adapters[name].state_dict()
         with torch.no_grad():
             for key, tensor in target.items():

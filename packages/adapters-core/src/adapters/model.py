@@ -597,7 +597,7 @@ class AdapterModelMixin:
             flag = " (merged)" if row["merged"] else ""
             lines.append(
                 f"{row['name'][:23]:<24}{row['method'][:15]:<16}{row['#params']:>12,}{row['%params']:>10.3f}  "
-                f"{str(row['active']):<7}{str(row['train']):<6}{flag}"
+                f"{row['active']!s:<7}{row['train']!s:<6}{flag}"
             )
         lines.append("=" * len(header))
         return "\n".join(lines)

@@ -113,7 +113,8 @@ class Registry:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
         if autoload is None:
-            autoload = os.environ.get("ADAPTERS_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in {"1", "true", "yes"}
+            disabled = os.environ.get("ADAPTERS_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower()
+            autoload = disabled not in {"1", "true", "yes"}
         self.autoload = autoload
         allow = os.environ.get("ADAPTERS_PLUGINS", "").strip()
         self.allowed = {a.strip().lower() for a in allow.split(",") if a.strip()} or None
@@ -251,7 +252,9 @@ class Registry:
 
     # ------------------------------------------------------------------ lookups
     def _missing(self, kind: str, name: str, known: Iterable[str]) -> Exception:
-        failed = [info for info, _ in self.failed.values() if name in self.entry_points().get(info.group, {})]
+        # a failed module may have been imported for another name/group (e.g. its method before its export)
+        failed = [info for info, _ in self.failed.values()
+                  if any(e.module == info.module for g in self.entry_points().values() for e in g.get(name, []))]
         if failed:
             info = failed[0]
             exc = self.failed[info.module][1]

@@ -320,7 +320,8 @@ def resolve_points(model: nn.Module, interface: AdapterModelInterface) -> ModelP
         container_path = _join(base_path, stack_path)
         for local_index in range(len(container)):
             i = len(layers)
-            layer_point = ModulePoint(container, str(local_index), _join(container_path, str(local_index)), f"layers.{i}")
+            path = _join(container_path, str(local_index))
+            layer_point = ModulePoint(container, str(local_index), path, f"layers.{i}")
             layers.append(_resolve_layer(r, layer_point, i, stack_index, config))
 
     _check_optional_fields_exist_somewhere(interface, layers)

@@ -181,7 +181,7 @@ class AdapterState:
                             )
                 return
             for child in node.children:  # children first: a method that cannot Fuse is the clearer error
-                visit(child, ancestors + [type(node)])
+                visit(child, [*ancestors, type(node)])
             if isinstance(node, ac.Fuse) and node.fusion_name not in self.fusions:
                 raise CompositionError(
                     f"No AdapterFusion '{node.fusion_name}' on this model; add it with "
@@ -202,7 +202,8 @@ class AdapterState:
         key = repr(setup)
         cached = self._plan_cache.get(key)
         if cached is None:
-            cached = [(layer, None if setup is None else _restrict(setup, layer, self.merged)) for layer in self.layers()]
+            cached = [(layer, None if setup is None else _restrict(setup, layer, self.merged))
+                      for layer in self.layers()]
             self._plan_cache[key] = cached
         return cached
 

@@ -1,4 +1,6 @@
-"""Tiny random Transformers for tests (used by every package's test suite and by plugin authors): one builder per supported ``config.model_type``.
+"""Tiny random Transformers for tests, one builder per supported ``config.model_type``.
+
+Used by every package's test suite, and by plugin authors for theirs.
 
 Every model is built from a config (no downloads), seeded with ``torch.manual_seed(0)`` and put in
 eval mode. Sizes: hidden 32, 2 layers (2 encoder + 2 decoder layers for T5/BART), 4 heads (2

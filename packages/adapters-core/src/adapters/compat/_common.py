@@ -1,0 +1,119 @@
+"""Helpers shared by the foreign-format readers and writers: module-path lookup, safe file reading."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..points import FusedQKV
+
+__all__ = ["Target", "module_targets", "match_module", "read_json", "read_tensors", "layer_index"]
+
+#: What a module path of the foreign format can be on our model.
+KINDS = ("q", "k", "v", "qkv", "o", "intermediate", "output")
+
+
+@dataclass
+class Target:
+    """One of our LoRA-capable hook points: its portable location, its kind and (for qkv) the fused layout."""
+
+    location: str
+    kind: str  # one of KINDS
+    layer: int
+    path: str  # full dotted path from the model root
+    fused: FusedQKV | None = None
+    out_features: int = 0
+
+
+def module_targets(model: nn.Module) -> dict[str, Target]:
+    """Every projection hook point of ``model`` keyed by its full module path (self-attention only)."""
+    state = getattr(model, "_adapters_state", None)
+    if state is None:
+        raise CheckpointError("This model was not prepared for adapters; call adapters.init(model) first.")
+    out: dict[str, Target] = {}
+    for lp in state.points.layers:
+        attn = lp.self_attn
+        if attn is not None:
+            for which in ("q", "k", "v", "qkv", "o"):
+                point = attn.projection(which)
+                if point is not None:
+                    out[point.path] = Target(point.location, which, lp.index, point.path,
+                                             attn.fused if which == "qkv" else None)
+        for which in ("intermediate", "output"):
+            point = getattr(lp, which)
+            if point is not None:
+                out[point.path] = Target(point.location, which, lp.index, point.path)
+    return out
+
+
+def match_module(targets: dict[str, Target], path: str, base_path: str) -> Target | None:
+    """Our hook point for a foreign module ``path``; tolerates a task-model prefix on either side.
+
+    A path saved from ``Qwen3ForCausalLM`` (``model.layers.0...``) matches ``Qwen3Model`` (``layers.0...``)
+    and vice versa, as does a ``bert.`` prefix against a bare ``BertModel``.
+    """
+    if path in targets:
+        return targets[path]
+    if base_path and f"{base_path}.{path}" in targets:
+        return targets[f"{base_path}.{path}"]
+    _, _, rest = path.partition(".")
+    if rest:
+        if rest in targets:
+            return targets[rest]
+        if base_path and f"{base_path}.{rest}" in targets:
+            return targets[f"{base_path}.{rest}"]
+    return None
+
+
+def layer_index(targets: dict[str, Target]) -> int:
+    """Number of layers the targets span."""
+    return 1 + max((t.layer for t in targets.values()), default=-1)
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """A JSON object from ``path`` or a :class:`CheckpointError` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt.") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is corrupt.")
+    return data
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file or a ``torch.save``'d dict (``weights_only=True``: no arbitrary objects)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist.")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            data = load_file(path)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); the file is corrupt or "
+                                  "truncated.") from None
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch.load raises many types
+            raise CheckpointError(f"{path} could not be read as a tensor file ({exc}).") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
+        raise CheckpointError(f"{path} does not hold a dict of named tensors.")
+    return data
+
+
+def rows_of(fused: FusedQKV, which: str, width: int) -> torch.Tensor:
+    """Output feature indices of ``which`` in a fused projection of ``width`` outputs."""
+    rows = fused.index(which)
+    if isinstance(rows, slice):
+        return torch.arange(rows.start, rows.stop)
+    return rows
