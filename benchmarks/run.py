@@ -223,14 +223,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mem_base = peak_memory(fns["base"], device)
         if mem_base:
             row["peak_mem"] = {k: peak_memory(fns[k], device) / mem_base for k in fns if k != "base"}
-        for key, tensor in ids.items():
+        for key, tensor in ({} if args.train_only else ids).items():
             fns_i = {"base": infer(base, tensor), "ours": infer(model, tensor)}
             if theirs is not None:
                 fns_i["peft"] = infer(theirs, tensor)
             t = interleaved(fns_i, device, args.warmup, args.repeats)
             row[key] = {k: t[k] / t["base"] for k in t if k != "base"}
             row[f"{key}_base_ms"] = 1e3 * t["base"]
-        if name in MERGEABLE:
+        if name in MERGEABLE and not args.train_only:
             model.merge_adapter("bench")
             if theirs is not None:
                 theirs.merge_adapter()
@@ -259,7 +259,7 @@ def _base_times(results: dict[str, Any]) -> dict[str, float]:
     if not rows:
         return {}
     keys = {"train": "train_base_ms", "infer small": "infer_small_base_ms", "infer large": "infer_large_base_ms"}
-    return {k: statistics.median(r[v] for r in rows) for k, v in keys.items()}
+    return {k: statistics.median(r[v] for r in rows) for k, v in keys.items() if v in rows[0]}
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -304,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--no-peft", dest="peft", action="store_false")
+    parser.add_argument("--train-shape", type=int, nargs=2, default=None, metavar=("BATCH", "SEQ"),
+                        help="training batch shape (default 8 512 on GPU, 4 128 on CPU)")
+    parser.add_argument("--train-only", action="store_true", help="skip the inference measurements")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -311,14 +314,15 @@ def main(argv: list[str] | None = None) -> None:
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.repeats = args.repeats or (30 if gpu else 7)
     args.warmup = args.warmup or (5 if gpu else 2)
-    args.train_shape = (8, 512) if gpu else (4, 128)
+    args.train_shape = tuple(args.train_shape) if args.train_shape else ((8, 512) if gpu else (4, 128))
     args.infer_small = (1, 128) if gpu else (1, 64)
     args.infer_large = (16, 512) if gpu else (8, 128)
     if not gpu:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     results = run(args)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{'gpu' if gpu else 'cpu'}-{args.size}")
+    batch, seq = args.train_shape
+    stem = os.path.join(args.out, f"{'gpu' if gpu else 'cpu'}-{args.size}-train{batch}x{seq}")
     with open(stem + ".json", "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=2, default=_fmt)
     table = markdown(results)
