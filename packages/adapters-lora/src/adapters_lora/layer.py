@@ -19,15 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.errors import AdapterError
-from adapters.method import AdapterLayer, AttachSite
+from adapters.linear import AdapterLinear, Rows, count_rows, row_index
+from adapters.method import AttachSite
 from adapters.plan import Leaf, PlanOps, execute
-from adapters.points import linear_features
 
 from .config import LoRAConfig
 
 __all__ = ["LoRALinear", "LoRADelta", "MTLLoRADelta", "IA3Scale", "DoRADelta", "FusedParts"]
 
-Rows = slice | torch.Tensor | None
 
 
 def _generator(config: LoRAConfig, key: str = "") -> torch.Generator | None:
@@ -56,14 +55,6 @@ def _init_pair(a: torch.Tensor, b: torch.Tensor, config: LoRAConfig, key: str = 
     with torch.no_grad():
         a.copy_(a32)
         b.copy_(b32)
-
-
-def _as_index(rows: Rows, width: int, device: torch.device) -> torch.Tensor:
-    if rows is None:
-        return torch.arange(width, device=device)
-    if isinstance(rows, slice):
-        return torch.arange(rows.start, rows.stop, device=device)
-    return rows.to(device)
 
 
 def _add_low_rank(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float,
@@ -110,7 +101,7 @@ class _AdapterBase(nn.Module):
         self.config_r = config.r
         self.scaling = float(config.scaling)
         self.out_rows = out_rows
-        self.register_buffer("row_index", None if rows is None else _as_index(rows, 0, device), persistent=False)
+        self.register_buffer("row_index", None if rows is None else row_index(rows, 0, device), persistent=False)
         #: the same rows as a slice when they are contiguous (weight rows are then a view, not a copy)
         self.row_slice: slice | None = rows if isinstance(rows, slice) else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
@@ -304,27 +295,12 @@ class _Ops(PlanOps):
         return self.layer.adapters[name](x, y, self.layer)
 
 
-class LoRALinear(AdapterLayer):
+class LoRALinear(AdapterLinear):
     """A linear projection with LoRA-family adapters. Shares ``weight``/``bias`` with the original."""
 
     def __init__(self, base: nn.Module, location: str, fused: Any = None) -> None:
-        super().__init__(location)
-        self.is_conv1d = not isinstance(base, nn.Linear)
-        self.in_features, self.out_features = linear_features(base)
-        self.weight = base.weight
-        self.bias = base.bias
-        self.fused = fused
-        self._backup: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        super().__init__(base, location, fused)
         self._ops = _Ops(self)
-
-    # -- base computation ------------------------------------------------------------------------
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_conv1d:
-            shape = (*x.shape[:-1], self.out_features)
-            flat = x.reshape(-1, x.shape[-1])
-            out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
-            return out.view(shape)
-        return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
@@ -336,22 +312,6 @@ class LoRALinear(AdapterLayer):
             # module-call machinery (adapter modules carry no hooks)
             return self.adapters[plan.name].forward(x, y, self, True)
         return execute(plan, (y, x), self._ops)
-
-    def weight_rows(self, rows: Rows) -> torch.Tensor:
-        """The base weight as (out × in), restricted to output ``rows``."""
-        w = self.weight.t() if self.is_conv1d else self.weight
-        if rows is None:
-            return w
-        if isinstance(rows, slice):
-            return w[rows]
-        return w.index_select(0, rows.to(w.device))
-
-    def bias_rows(self, rows: Rows) -> torch.Tensor | None:
-        if self.bias is None or rows is None:
-            return self.bias
-        if isinstance(rows, slice):
-            return self.bias[rows]
-        return self.bias.index_select(0, rows.to(self.bias.device))
 
     # -- adapters --------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoRAConfig, site: AttachSite) -> None:
@@ -370,7 +330,7 @@ class LoRALinear(AdapterLayer):
     def _build(self, config: LoRAConfig, site: AttachSite, rows: Rows, which: str) -> nn.Module:
         dtype = site.dtype_for(self.weight, config)
         device = self.weight.device
-        out_rows = self.out_features if rows is None else _count(rows)
+        out_rows = count_rows(rows, self.out_features)
         key = f"{self.location}.{which}" if which else self.location
         if config.composition_mode == "scale":
             return IA3Scale(config, self.in_features, out_rows, rows, dtype, device, key)
@@ -451,7 +411,7 @@ class LoRALinear(AdapterLayer):
 
         An MTL-LoRA adapter merges its own task: ``W ← W + s·Σ_i softmax(w_t/τ)_i B_i Λ_t A``.
         """
-        self._backup = (self.weight.detach().clone(), None if self.bias is None else self.bias.detach().clone())
+        self.begin_merge()
         try:
             for unit in self.units(name).values():
                 self._merge_unit(unit)
@@ -463,7 +423,7 @@ class LoRALinear(AdapterLayer):
         if module.gate is not None:
             raise AdapterError("A gated LoRA adapter cannot be merged: its gate depends on the input.")
         rows = module.rows
-        index = _as_index(rows, self.out_features, self.weight.device)
+        index = row_index(rows, self.out_features, self.weight.device)
         with torch.no_grad():
             w = self.weight_rows(rows).float()
             if isinstance(module, IA3Scale):
@@ -475,26 +435,7 @@ class LoRALinear(AdapterLayer):
                 new_w = module.merged_rows(w)  # DoRA leaves the bias as it is
             else:
                 new_w = w + module.delta_weight()
-            new_w = new_w.to(self.weight.dtype)
-            if self.is_conv1d:
-                self.weight.index_copy_(1, index, new_w.t())
-            else:
-                self.weight.index_copy_(0, index, new_w)
-
-    def unmerge_adapter(self, name: str) -> None:
-        """Restore the weights saved by :meth:`merge_adapter` (bit-exact)."""
-        if self._backup is None:
-            return
-        weight, bias = self._backup
-        with torch.no_grad():
-            self.weight.copy_(weight)
-            if bias is not None:
-                self.bias.copy_(bias)
-        self._backup = None
-
-    def extra_repr(self) -> str:
-        kind = "Conv1D" if self.is_conv1d else "Linear"
-        return f"{kind}(in={self.in_features}, out={self.out_features}), location={self.location}"
+            self.write_weight_rows(rows, new_w)
 
 
 class FusedParts(nn.Module):
@@ -508,9 +449,3 @@ class FusedParts(nn.Module):
         for part in self.parts.values():
             y = part(x, y, layer, owned)
         return y
-
-
-def _count(rows: Rows) -> int:
-    if isinstance(rows, slice):
-        return rows.stop - rows.start
-    return int(rows.numel())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from adapters.errors import AdapterError
+from adapters.linear import check_linear_placement, linear_targets
 from adapters.method import AdapterMethod, AttachSite
 from adapters.points import ModelPoints
 from adapters.state import AdapterState
@@ -27,25 +28,8 @@ class LoRAMethod(AdapterMethod):
     can_merge = True
 
     def validate(self, config: LoRAConfig, points: ModelPoints) -> None:
-        interface = points.interface
-        wanted = set(config.attn_matrices) if config.selfattn_lora else set()
-        have = {"o"} if interface.attn_o_proj else set()
-        if interface.attn_qkv_proj:
-            have |= {"q", "k", "v"}
-        else:
-            have |= {m for m, f in (("q", "attn_q_proj"), ("k", "attn_k_proj"), ("v", "attn_v_proj"))
-                     if getattr(interface, f)}
-        missing = sorted(wanted - have)
-        if missing:
-            raise AdapterError(f"LoRA attn_matrices {missing} have no projection in this model's interface; "
-                               f"available: {sorted(have)}.")
-        if config.intermediate_lora and not interface.layer_intermediate_proj:
-            raise AdapterError("intermediate_lora=True, but the interface names no layer_intermediate_proj.")
-        if config.output_lora and not interface.layer_output_proj:
-            raise AdapterError("output_lora=True, but the interface names no layer_output_proj.")
-        if not (wanted or config.intermediate_lora or config.output_lora):
-            raise AdapterError("This LoRA config adapts nothing: enable selfattn_lora with attn_matrices, "
-                               "intermediate_lora or output_lora.")
+        check_linear_placement(config, points, "LoRA")
+        linear_targets(points, config, "LoRA", LoRALinear)  # every target must be a linear projection
 
     def share_parameters(self, state: AdapterState, adapter_names: list[str], name: str,
                          reference: str | None) -> None:
@@ -87,33 +71,8 @@ class LoRAMethod(AdapterMethod):
             layer.unshare_parameters([n for n in adapter_names if n in layer.adapters])
 
     def attach(self, site: AttachSite, name: str, config: LoRAConfig) -> None:
-        leave_out = set(config.leave_out)
-        for lp in site.points.layers:
-            if lp.index in leave_out:
-                continue
-            if config.selfattn_lora:
-                for kind in ("self_attn", "cross_attn"):
-                    attn = lp.attention(kind)
-                    if attn is None:
-                        continue
-                    if attn.qkv is not None:
-                        for which in [m for m in ("q", "k", "v") if m in config.attn_matrices]:
-                            layer = _wrap(site, attn.qkv, attn.fused)
-                            _add(layer, f"{name}", config, site, attn.fused.index(which), which)
-                    else:
-                        for which in [m for m in ("q", "k", "v") if m in config.attn_matrices]:
-                            _add(_wrap(site, attn.projection(which)), name, config, site, None, None)
-                    if "o" in config.attn_matrices and attn.o is not None:
-                        _add(_wrap(site, attn.o), name, config, site, None, None)
-            if config.intermediate_lora and lp.intermediate is not None:
-                _add(_wrap(site, lp.intermediate), name, config, site, None, None)
-            if config.output_lora and lp.output is not None:
-                _add(_wrap(site, lp.output), name, config, site, None, None)
-
-
-def _wrap(site: AttachSite, point, fused=None) -> LoRALinear:
-    return site.replace(point, LoRALinear, lambda original: LoRALinear(original, point.location, fused))
-
-
-def _add(layer: LoRALinear, name: str, config: LoRAConfig, site: AttachSite, rows, which) -> None:
-    layer.add_fused_or_plain(name, config, site, rows, which)
+        for target in linear_targets(site.points, config, "LoRA", LoRALinear):
+            point, fused = target.point, target.fused
+            layer = site.replace(point, LoRALinear,
+                                 lambda original, p=point, f=fused: LoRALinear(original, p.location, f))
+            layer.add_fused_or_plain(name, config, site, target.rows, target.which)

@@ -23,16 +23,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.errors import AdapterError
-from adapters.method import AdapterLayer, AttachSite
+from adapters.linear import AdapterLinear, Rows, count_rows
+from adapters.linear import is_linear_like as _is_linear_like
+from adapters.method import AttachSite
 from adapters.plan import Leaf, PlanOps, execute
-from adapters.points import linear_features
 
 from .config import VeraConfig
 
 __all__ = ["VeraProjections", "VeraVectors", "VeraFusedParts", "VeraLinear", "generate_projections",
            "is_linear_like"]
 
-Rows = slice | torch.Tensor | None
+#: re-exported from core (older imports of ``adapters_vera.layer.is_linear_like`` keep working)
+is_linear_like = _is_linear_like
+
 
 
 def generate_projections(key: int, r: int, max_in: int, max_out: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,14 +51,6 @@ def generate_projections(key: int, r: int, max_in: int, max_out: int) -> tuple[t
     a = torch.empty(r, max_in, dtype=torch.float32).uniform_(-bound_a, bound_a, generator=gen)
     b = torch.empty(max_out, r, dtype=torch.float32).uniform_(-bound_b, bound_b, generator=gen)
     return a, b
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight ``in × out``, ``nf``)."""
-    if isinstance(module, nn.Linear):
-        return True
-    weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(module, "nf")
 
 
 class VeraProjections(nn.Module):
@@ -90,22 +85,6 @@ def _place(y: torch.Tensor, delta: torch.Tensor, rows: Rows) -> torch.Tensor:
             pieces.append(y[..., rows.stop:])
         return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
     return y.index_add(-1, rows, delta)
-
-
-def _as_index(rows: Rows, width: int, device: torch.device) -> torch.Tensor:
-    if rows is None:
-        return torch.arange(width, device=device)
-    if isinstance(rows, slice):
-        return torch.arange(rows.start, rows.stop, device=device)
-    return rows.to(device)
-
-
-def _count(rows: Rows, width: int) -> int:
-    if rows is None:
-        return width
-    if isinstance(rows, slice):
-        return rows.stop - rows.start
-    return int(rows.numel())
 
 
 class VeraVectors(nn.Module):
@@ -192,31 +171,12 @@ class _Ops(PlanOps):
         return self.layer.adapters[name](x, y, self.layer)
 
 
-class VeraLinear(AdapterLayer):
+class VeraLinear(AdapterLinear):
     """A linear projection (``nn.Linear`` or ``Conv1D``) with VeRA adapters; shares ``weight``/``bias``."""
 
     def __init__(self, base: nn.Module, location: str, fused: Any = None) -> None:
-        super().__init__(location)
-        if not is_linear_like(base):
-            raise AdapterError(f"VeRA can only wrap nn.Linear or Conv1D projections; {location} holds a "
-                               f"{type(base).__name__} (is another method's layer already there?).")
-        self.is_conv1d = not isinstance(base, nn.Linear)
-        self.in_features, self.out_features = linear_features(base)
-        self.weight = base.weight
-        self.bias = base.bias
-        self.fused = fused
-        self._backup: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        super().__init__(base, location, fused)
         self._ops = _Ops(self)
-
-    # -- base computation ------------------------------------------------------------------------
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Exactly the wrapped module's computation."""
-        if self.is_conv1d:
-            shape = (*x.shape[:-1], self.out_features)
-            flat = x.reshape(-1, x.shape[-1])
-            out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
-            return out.view(shape)
-        return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
@@ -239,7 +199,7 @@ class VeraLinear(AdapterLayer):
         device = self.weight.device
         if isinstance(rows, torch.Tensor):
             rows = rows.to(device)
-        vectors = VeraVectors(config, projections, self.in_features, rows, _count(rows, self.out_features),
+        vectors = VeraVectors(config, projections, self.in_features, rows, count_rows(rows, self.out_features),
                               dtype, device)
         if which is None:
             self.adapters[name] = vectors
@@ -251,35 +211,14 @@ class VeraLinear(AdapterLayer):
     # -- merging ---------------------------------------------------------------------------------
     def merge_adapter(self, name: str) -> None:
         """``W ← W + s·diag(λ_b) B diag(λ_d) A`` on the adapter's rows (a backup is kept for reset)."""
-        self._backup = (self.weight.detach().clone(), None if self.bias is None else self.bias.detach().clone())
+        self.begin_merge()
         try:
             with torch.no_grad():
                 for unit in _units(self.adapters[name]):
-                    index = _as_index(unit.rows, self.out_features, self.weight.device)
-                    if self.is_conv1d:
-                        current = self.weight.index_select(1, index).t().float()
-                        self.weight.index_copy_(1, index, (current + unit.delta_weight()).t().to(self.weight.dtype))
-                    else:
-                        current = self.weight.index_select(0, index).float()
-                        self.weight.index_copy_(0, index, (current + unit.delta_weight()).to(self.weight.dtype))
+                    self.write_weight_rows(unit.rows, self.weight_rows(unit.rows).float() + unit.delta_weight())
         except BaseException:
             self.unmerge_adapter(name)
             raise
-
-    def unmerge_adapter(self, name: str) -> None:
-        """Restore the weight saved by :meth:`merge_adapter` exactly."""
-        if self._backup is None:
-            return
-        weight, bias = self._backup
-        with torch.no_grad():
-            self.weight.copy_(weight)
-            if bias is not None:
-                self.bias.copy_(bias)
-        self._backup = None
-
-    def extra_repr(self) -> str:
-        kind = "Conv1D" if self.is_conv1d else "Linear"
-        return f"{kind}(in={self.in_features}, out={self.out_features}), location={self.location}"
 
 
 def _missing() -> nn.Module:
