@@ -76,7 +76,7 @@ def third_party(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Everything installed: every package's tests plus the cross-package suite in tests/."""
-    _install(session, CORE, *METHODS.values(), THIRD_PARTY, extra=("safetensors", "matplotlib", "accelerate"))
+    _install(session, CORE, *METHODS.values(), THIRD_PARTY, extra=("safetensors", "matplotlib", "accelerate", "peft"))
     paths = _tests([f"{CORE}/tests", *[f"{p}/tests" for p in METHODS.values()], "tests"])
     session.run(*PYTEST, *paths, "--ignore", f"{THIRD_PARTY}")
 
