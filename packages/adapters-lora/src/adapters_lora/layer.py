@@ -301,8 +301,26 @@ class LoRALinear(AdapterLinear):
     def __init__(self, base: nn.Module, location: str, fused: Any = None) -> None:
         super().__init__(base, location, fused)
         self._ops = _Ops(self)
+        self._plain: LoRADelta | None = None
+
+    def set_plan(self, plan: Any) -> None:
+        """Install the plan; a lone plain LoRA adapter on an ``nn.Linear`` gets the straight-line path."""
+        self.plan = plan
+        module = self.adapters[plan.name] if type(plan) is Leaf else None
+        plain = (type(module) is LoRADelta and module.dropout is None and module.gate is None
+                 and module.row_index is None and not self.is_conv1d)
+        self._plain = module if plain else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = self._plain
+        if plain is not None and plain.lora_A.dtype == x.dtype == self.weight.dtype:
+            # y = Wx + b + s·B(Ax): the base GEMM, the rank-r GEMM and one fused addmm
+            y = F.linear(x, self.weight, self.bias)
+            h = F.linear(x, plain.lora_A)
+            y2, h2 = y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1])
+            if torch.is_grad_enabled():
+                return torch.addmm(y2, h2, plain.lora_B.t(), alpha=plain.scaling).view(y.shape)
+            return y2.addmm_(h2, plain.lora_B.t(), alpha=plain.scaling).view(y.shape)
         y = self.base_forward(x)
         plan = self.plan
         if plan is None:
