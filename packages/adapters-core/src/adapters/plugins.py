@@ -15,6 +15,7 @@ Environment:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import threading
@@ -37,6 +38,7 @@ __all__ = [
     "PluginError",
     "MissingPluginError",
     "PluginLoadWarning",
+    "UnknownNameError",
     "PluginInfo",
     "Registry",
     "registry",
@@ -71,6 +73,13 @@ class PluginError(RuntimeError):
 
 class MissingPluginError(ModuleNotFoundError):
     """A method or name was asked for whose plugin distribution is not installed."""
+
+
+class UnknownNameError(KeyError):
+    """A config string, method or exported name that no installed plugin provides."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
 
 
 class PluginLoadWarning(UserWarning):
@@ -269,7 +278,9 @@ class Registry:
                 f"(or is disabled). Install it with: pip install {dist}"
             )
         available = ", ".join(sorted(known)) or "none installed"
-        return KeyError(f"Unknown {kind} '{name}'. Available: {available}.")
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return UnknownNameError(f"Unknown {kind} '{name}'.{hint} Available: {available}.")
 
     def method(self, name: str) -> AdapterMethod:
         """The method registered under ``name`` (loading its plugin on first use)."""
