@@ -272,9 +272,9 @@ def markdown(results: dict[str, Any]) -> str:
         "medians of interleaved runs. `peft` in brackets where measured. Base model: "
         + ", ".join(f"{k} {v:.1f} ms" for k, v in _base_times(results).items()) + ".",
         "",
-        f"| method | trainable | train step | peak mem | infer {small} | infer {large} | merged {small} "
-        f"| merged {large} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method | trainable | init + add | train step | peak mem | infer {small} | infer {large} "
+        f"| merged {small} | merged {large} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def cell(row: dict[str, Any], key: str) -> str:
@@ -288,7 +288,8 @@ def markdown(results: dict[str, Any]) -> str:
 
     for name, row in results["methods"].items():
         lines.append(
-            f"| {name} | {row['trainable']:,} | {cell(row, 'train')} | {cell(row, 'peak_mem')} | "
+            f"| {name} | {row['trainable']:,} | {1e3 * row['setup_s']:.0f} ms | {cell(row, 'train')} | "
+            f"{cell(row, 'peak_mem')} | "
             f"{cell(row, 'infer_small')} | {cell(row, 'infer_large')} | {cell(row, 'infer_small_merged')} | "
             f"{cell(row, 'infer_large_merged')} |"
         )

@@ -1,0 +1,165 @@
+"""Checks that need a GPU (CI has none): run on a GPU machine with every package installed.
+
+    python scripts/gpu_checks.py
+
+Each check prints PASS or FAIL with its numbers; the exit status is the number of failures.
+
+* ReFT (LoReFT) trains in bf16 on the GPU and ``R`` stays orthonormal;
+* LoRA under ``torch.compile(fullgraph=True)`` (inductor) matches eager, forward and a training step;
+* every method runs forward + backward in bf16 on the GPU, adapters in bf16, no host syncs in the
+  forward pass (counted with the profiler);
+* merged equals unmerged in bf16 for LoRA, DoRA, IA3 and VeRA.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import adapters
+from adapters.testing import tiny_inputs, tiny_model
+
+DEVICE = os.environ.get("GPU_CHECKS_DEVICE", "cuda")  # "cpu" only to try the script itself
+FAILURES: list[str] = []
+
+
+def check(name: str):
+    def wrap(fn):
+        try:
+            detail = fn()
+            print(f"PASS {name}: {detail}")
+        except Exception as exc:  # noqa: BLE001 - report every failing check, then go on
+            FAILURES.append(name)
+            print(f"FAIL {name}: {type(exc).__name__}: {exc}")
+            traceback.print_exc(limit=3)
+        return fn
+
+    return wrap
+
+
+def qwen3(task: str = "causal_lm") -> torch.nn.Module:
+    model = tiny_model("qwen3", task, hidden_size=64, intermediate_size=128, head_dim=16)
+    return model.to(device=DEVICE, dtype=torch.bfloat16)
+
+
+def batch(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    inputs = tiny_inputs(model, batch=4, seq=32)
+    inputs["attention_mask"][0, :5] = 0  # a left-padded row
+    return {k: v.to(DEVICE) for k, v in inputs.items()}
+
+
+@check("reft_bf16_training_keeps_R_orthonormal")
+def _reft() -> str:
+    model = qwen3()
+    adapters.init(model)
+    model.add_adapter("r", config="loreft[r=4, prefix_positions=3, suffix_positions=2]")
+    model.train_adapter("r")
+    model.lm_head.weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.bfloat16 for p in params), "ReFT weights are not bf16"
+    opt = torch.optim.AdamW(params, lr=5e-2)
+    inputs = batch(model)
+    losses = []
+    for _ in range(30):
+        out = model(**inputs, labels=inputs["input_ids"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    from adapters_reft.layer import orthonormal_rows
+
+    worst = 0.0
+    for layer in model._adapters_state.layers("r"):
+        for intervention in layer.adapters["r"].interventions.values():
+            r = orthonormal_rows(intervention.rotate_weight).float()
+            worst = max(worst, (r @ r.T - torch.eye(r.shape[0], device=r.device)).abs().max().item())
+    assert worst < 2e-2, f"R R^T deviates from I by {worst}"
+    assert losses[-1] < losses[0], f"loss did not go down: {losses[0]:.4f} -> {losses[-1]:.4f}"
+    return f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, max |R R^T - I| = {worst:.2e} (bf16)"
+
+
+@check("lora_torch_compile_fullgraph_inductor")
+def _compile() -> str:
+    if DEVICE == "cpu":
+        return "skipped on CPU (inductor compile takes minutes there)"
+    model = qwen3()
+    adapters.init(model)
+    model.add_adapter("l", config="lora[r=8, init_weights='bert']", set_active=True)
+    inputs = batch(model)
+    with torch.no_grad():
+        eager = model(**inputs).logits.float()
+        compiled = torch.compile(model, fullgraph=True)
+        got = compiled(**inputs).logits.float()
+    diff = (eager - got).abs().max().item()
+    assert diff < 5e-2, f"compiled output differs from eager by {diff}"
+    model.train_adapter("l")
+    model.lm_head.weight.requires_grad_(False)
+    loss = compiled(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads), "missing adapter gradients under compile"
+    return f"max |eager - compiled| = {diff:.2e} (bf16); training step under compile produced all grads"
+
+
+def _syncs_in_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> int:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.no_grad():
+        model(**inputs)
+    return sum(e.count for e in prof.key_averages() if "synchronize" in e.key.lower()
+               or e.key in ("aten::item", "aten::_local_scalar_dense"))
+
+
+for _config in ["lora", "dora", "ia3", "vera[r=16]", "seq_bn", "par_bn", "double_seq_bn", "loreft", "mtl_lora"]:
+
+    @check(f"bf16_gpu_forward_backward[{_config}]")
+    def _run(config: str = _config) -> str:
+        model = qwen3()
+        base_inputs = batch(model)
+        adapters.init(model)
+        model.add_adapter("a", config=config)
+        model.train_adapter("a")
+        model.lm_head.weight.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert trainable and all(p.dtype == torch.bfloat16 for p in trainable), "adapter weights are not bf16"
+        inputs = dict(base_inputs)
+        if config == "mtl_lora":
+            model.set_active_adapters(adapters.MultiTask("a"))
+            inputs["task_ids"] = torch.zeros(4, dtype=torch.long)
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        assert torch.isfinite(loss), "loss is not finite"
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable), "no adapter gradient"
+        model.eval()
+        syncs = _syncs_in_forward(model, inputs)
+        assert syncs == 0 or config in ("mtl_lora",), f"{syncs} host syncs in the forward pass"
+        return f"loss {loss.item():.3f}, {sum(p.numel() for p in trainable)} trainable, {syncs} syncs in forward"
+
+
+for _config in ["lora[init_weights='bert']", "dora[init_weights='bert']", "ia3[init_weights='bert']",
+                "vera[r=16, vera_b=0.1]"]:
+
+    @check(f"bf16_gpu_merge[{_config}]")
+    def _merge(config: str = _config) -> str:
+        model = qwen3()
+        adapters.init(model)
+        model.add_adapter("m", config=config, set_active=True)
+        inputs = batch(model)
+        with torch.no_grad():
+            unmerged = model(**inputs).logits.float()
+            model.merge_adapter("m")
+            merged = model(**inputs).logits.float()
+            model.reset_adapter()
+            back = model(**inputs).logits.float()
+        diff = (merged - unmerged).abs().max().item()
+        assert diff < 0.1, f"merged differs from unmerged by {diff}"
+        assert torch.equal(back, unmerged), "reset did not restore the unmerged output exactly"
+        return f"max |merged - unmerged| = {diff:.2e} (bf16 rounding); reset exact"
+
+
+if __name__ == "__main__":
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}")
+    print(f"{len(FAILURES)} failed")
+    sys.exit(len(FAILURES))
