@@ -260,6 +260,7 @@ class ReftLayer(AdapterLayer):
         self.hooked = False
         self._ops = _Ops(self)
         self._slot_key = "adapters_reft.slots"
+        self._recompute: tuple[Any, Any] | None = None
 
     def add_adapter(self, name: str, config: ReftConfig, site: AttachSite) -> None:
         """Create adapter ``name`` (weights in the base model's dtype unless ``config.dtype``)."""
@@ -273,7 +274,14 @@ class ReftLayer(AdapterLayer):
         plan = self.plan
         if plan is None or h.dim() != 3:
             return h
-        info = _real_tokens(h)
+        if current_context() is None and self._recompute is not None and self._recompute[0] == (h.shape[:2], h.device):
+            # no forward context: gradient checkpointing is recomputing this layer in the backward pass
+            # (possibly on autograd's device thread); use the positions of the forward pass it repeats
+            info = self._recompute[1]
+        else:
+            info = _real_tokens(h)
+            if torch.is_grad_enabled() and self.training:
+                self._recompute = ((h.shape[:2], h.device), info)
         if info is _SKIP:
             return h
         order, lengths = info

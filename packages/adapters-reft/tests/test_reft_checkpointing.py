@@ -1,0 +1,55 @@
+"""Gradient checkpointing recomputes layers in the backward pass, after the forward context is gone:
+the interventions must still hit the same (real-token) positions there."""
+
+from __future__ import annotations
+
+import torch
+
+import adapters
+from adapters.testing import tiny_inputs, tiny_model
+
+
+def _grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+    model = tiny_model("qwen3", "causal_lm")
+    adapters.init(model)
+    model.add_adapter("r", config="loreft[r=2, prefix_positions=2, suffix_positions=2, dropout=0.0]")
+    model.train_adapter("r")
+    model.lm_head.weight.requires_grad_(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inputs = tiny_inputs(model, batch=3, seq=10)
+    inputs["attention_mask"][0, :4] = 0  # left padding
+    inputs["attention_mask"][1, 7:] = 0  # right padding
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_checkpointed_gradients_equal_plain_ones_with_padding() -> None:
+    plain, checkpointed = _grads(False), _grads(True)
+    assert plain.keys() == checkpointed.keys() and plain
+    for name, grad in plain.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_layer_recomputed_without_context_uses_the_forward_positions() -> None:
+    """What a checkpointed recomputation sees: the layer runs again, in train mode, with no forward
+    context (autograd may even run it on another thread). It must edit the same positions."""
+    from adapters.context import ForwardContext, pop_context, push_context
+
+    model = tiny_model("qwen3", "causal_lm")
+    adapters.init(model)
+    model.add_adapter("r", config="loreft[r=2, prefix_positions=2, suffix_positions=2, dropout=0.0]")
+    model.train_adapter("r")
+    layer = model._adapters_state.layers("r")[0]
+    h = torch.randn(2, 6, model.config.hidden_size)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    push_context(ForwardContext(attention_mask=mask))
+    try:
+        in_forward = layer.edit(h)
+    finally:
+        pop_context()
+    recomputed = layer.edit(h)
+    torch.testing.assert_close(recomputed, in_forward, rtol=0, atol=0)
+    assert torch.equal(recomputed[0, :2], h[0, :2]) and torch.equal(recomputed[1, 4:], h[1, 4:])  # padding untouched
