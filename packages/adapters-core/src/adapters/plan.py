@@ -179,8 +179,15 @@ def execute(node: PlanNode, inputs: tuple[torch.Tensor, ...], ops: PlanOps) -> t
             return torch.cat(outs, dim=1)
         if isinstance(n, MultiTaskPlan):
             ctx = current_context()
-            if ctx is None or ctx.task_perm is None:
-                raise ValueError("The active setup is MultiTask: pass task_ids=... to the model's forward.")
+            if ctx is not None and ctx.task_perm is not None:
+                if torch.is_grad_enabled():
+                    # gradient checkpointing may recompute this layer in the backward pass, without a
+                    # forward context (and on autograd's device thread): remember the routing for it
+                    ops.__dict__["_recompute_context"] = ctx
+            else:
+                ctx = ops.__dict__.get("_recompute_context") if torch.is_grad_enabled() else None
+                if ctx is None or ctx.task_sizes is None or sum(ctx.task_sizes) != ins[0].shape[0]:
+                    raise ValueError("The active setup is MultiTask: pass task_ids=... to the model's forward.")
             ordered = tuple(t.index_select(0, ctx.task_perm) for t in ins)
             parts = _split_rows(ordered, ctx.task_sizes)
             outs = [run(c, p) for c, p, size in zip(n.children, parts, ctx.task_sizes) if size > 0]
