@@ -52,15 +52,18 @@ class ForwardContext:
     parallel: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def set_task_ids(self, task_ids: torch.Tensor, num_tasks: int) -> None:
-        """Group rows by task once per forward (one host sync for the group sizes)."""
-        task_ids = task_ids.long().reshape(-1)
-        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
+    def set_task_ids(self, task_ids: torch.Tensor, num_tasks: int, device: torch.device | None = None) -> None:
+        """Group rows by task once per forward, on the host: no device sync for task ids given as a
+        list or CPU tensor, one copy to the host for ids already on an accelerator."""
+        host = task_ids.detach().long().reshape(-1).cpu()
+        if host.numel() and (int(host.min()) < 0 or int(host.max()) >= num_tasks):
             raise ValueError(f"task_ids must lie in [0, {num_tasks}); got values outside that range.")
-        self.task_ids = task_ids
-        self.task_perm = torch.argsort(task_ids, stable=True)
-        self.task_inverse = torch.argsort(self.task_perm)
-        self.task_sizes = torch.bincount(task_ids, minlength=num_tasks).tolist()
+        perm = torch.argsort(host, stable=True)
+        self.task_sizes = torch.bincount(host, minlength=num_tasks).tolist()
+        device = device if device is not None else task_ids.device
+        self.task_ids = host.to(device)
+        self.task_perm = perm.to(device)
+        self.task_inverse = torch.argsort(perm).to(device)
 
 
 def current_context() -> ForwardContext | None:

@@ -159,7 +159,10 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
         if task_ids is None:
             _calls().append((swapped, previous, False))
             raise ValueError("The active setup is MultiTask: pass task_ids=[...] (one task per row) to forward.")
-        ctx.set_task_ids(_task_tensor(task_ids, state.multitask_names), len(state.multitask_names))
+        device = next((t.device for t in (ctx.input_ids, ctx.attention_mask) if isinstance(t, torch.Tensor)), None)
+        if device is None:
+            device = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+        ctx.set_task_ids(_task_tensor(task_ids, state.multitask_names), len(state.multitask_names), device)
     elif task_ids is not None and not swapped:
         pass  # task_ids are accepted and ignored when no MultiTask setup is active
     push_context(ctx)
