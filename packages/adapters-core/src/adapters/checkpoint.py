@@ -164,32 +164,39 @@ def save_adapter(model: nn.Module, directory: str, name: str, *, with_head: bool
         state.interface.save(directory, model_type=meta["model_type"])
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def read_json(path: str) -> dict[str, Any]:
+    """A JSON object from ``path``, or a :class:`CheckpointError` naming the file."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt.") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is corrupt.")
     return data
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Named tensors from a safetensors file, or from a ``torch.save``'d dict loaded with
+    ``weights_only=True`` (no arbitrary objects are unpickled); a :class:`CheckpointError` otherwise."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist.")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         try:
-            return load_file(path)
+            data = load_file(path)
         except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
             raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); the file is corrupt or "
                                   "truncated.") from None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load raises many types
-        raise CheckpointError(f"{path} could not be read as a tensor file ({exc}).") from None
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"{path} does not hold a dict of tensors.")
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch.load raises many types
+            raise CheckpointError(f"{path} could not be read as a tensor file ({exc}).") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
+        raise CheckpointError(f"{path} does not hold a dict of named tensors.")
     return data
 
 
@@ -201,7 +208,7 @@ def read_native(directory: str) -> LoadedCheckpoint | None:
     weights = [os.path.join(directory, f) for f in (WEIGHTS_FILE, WEIGHTS_FILE_PT)]
     if not os.path.exists(config_path):
         return None
-    meta = _read_json(config_path)
+    meta = read_json(config_path)
     cfg = meta.get("config")
     if not isinstance(cfg, dict) or "method" not in cfg:
         return None  # not ours; another reader may know it
@@ -212,9 +219,9 @@ def read_native(directory: str) -> LoadedCheckpoint | None:
         config = AdapterConfig.load(cfg)
     except (AdapterError, TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{config_path}: the adapter config cannot be used: {exc}") from None
-    tensors = _read_tensors(existing[0])
+    tensors = read_tensors(existing[0])
     head_path = os.path.join(directory, HEAD_FILE)
-    head = _read_tensors(head_path) if os.path.exists(head_path) else None
+    head = read_tensors(head_path) if os.path.exists(head_path) else None
     return LoadedCheckpoint(name=str(meta.get("name") or os.path.basename(os.path.normpath(directory))),
                             config=config, tensors=tensors, meta=meta, head=head, source=directory)
 
@@ -366,8 +373,8 @@ def load_adapter_fusion(model: nn.Module, directory: str, *, load_as: str | None
     config_path = os.path.join(directory, FUSION_CONFIG_FILE)
     if not os.path.exists(config_path):
         raise CheckpointError(f"{directory} has no {FUSION_CONFIG_FILE}; it is not a saved AdapterFusion.")
-    meta = _read_json(config_path)
-    tensors = _read_tensors(os.path.join(directory, FUSION_WEIGHTS_FILE))
+    meta = read_json(config_path)
+    tensors = read_tensors(os.path.join(directory, FUSION_WEIGHTS_FILE))
     names = list(meta.get("adapter_names") or [])
     missing = [n for n in names if n not in state.adapters]
     if missing:

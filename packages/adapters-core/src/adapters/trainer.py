@@ -265,7 +265,7 @@ def restore_components(model: nn.Module, checkpoint_dir: str) -> dict:
     for fusion, sub in manifest.get("fusions", {}).items():
         directory = os.path.join(checkpoint_dir, sub)
         if fusion in state.fusions:
-            tensors = ckpt._read_tensors(os.path.join(directory, ckpt.FUSION_WEIGHTS_FILE))
+            tensors = ckpt.read_tensors(os.path.join(directory, ckpt.FUSION_WEIGHTS_FILE))
             _fill_modules(state.fusions[fusion].method.fusion_modules(state, fusion), tensors, directory)
         else:
             model.load_adapter_fusion(directory)

@@ -1,15 +1,14 @@
-"""Helpers shared by the foreign-format readers and writers: module-path lookup, safe file reading."""
+"""Helpers shared by the foreign-format readers and writers: module-path lookup (file reading is
+core's :func:`adapters.checkpoint.read_json` / :func:`~adapters.checkpoint.read_tensors`)."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from ..checkpoint import read_json, read_tensors
 from ..errors import CheckpointError
 from ..points import FusedQKV
 
@@ -74,41 +73,6 @@ def match_module(targets: dict[str, Target], path: str, base_path: str) -> Targe
 def layer_index(targets: dict[str, Target]) -> int:
     """Number of layers the targets span."""
     return 1 + max((t.layer for t in targets.values()), default=-1)
-
-
-def read_json(path: str) -> dict[str, Any]:
-    """A JSON object from ``path`` or a :class:`CheckpointError` naming the file."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt.") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is corrupt.")
-    return data
-
-
-def read_tensors(path: str) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file or a ``torch.save``'d dict (``weights_only=True``: no arbitrary objects)."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path} does not exist.")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            data = load_file(path)
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); the file is corrupt or "
-                                  "truncated.") from None
-    else:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch.load raises many types
-            raise CheckpointError(f"{path} could not be read as a tensor file ({exc}).") from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                             for k, v in data.items()):
-        raise CheckpointError(f"{path} does not hold a dict of named tensors.")
-    return data
 
 
 def rows_of(fused: FusedQKV, which: str, width: int) -> torch.Tensor:
