@@ -128,14 +128,28 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
         return None
     previous = state.active
     swapped = False
-    if setup_entry is not None and setup_entry.setup != state.active:
-        parsed = ac.parse_composition(setup_entry.setup)
-        if parsed is not None:
-            state.validate_setup(parsed)
-        state.apply_setup(parsed)
-        state.active = parsed
-        swapped = True
-    task_ids = kwargs.pop("task_ids", None)
+    try:
+        if setup_entry is not None and setup_entry.setup != state.active:
+            parsed = ac.parse_composition(setup_entry.setup)
+            if parsed is not None:
+                state.validate_setup(parsed)
+            state.apply_setup(parsed)
+            state.active = parsed
+            swapped = True
+        args, kwargs, ctx = _build_context(state, args, kwargs, setup_entry)
+    except BaseException:
+        # the post-hook (always called) pops one entry per call: leave one that restores the setup
+        _calls().append((swapped, previous, False))
+        raise
+    push_context(ctx)
+    _calls().append((swapped, previous, True))
+    return args, kwargs
+
+
+def _build_context(state: AdapterState, args: tuple, kwargs: dict,
+                   setup_entry: Any) -> tuple[tuple, dict, ForwardContext]:
+    """The per-forward context; replicates the inputs for ``Parallel`` and routes ``task_ids``."""
+    task_ids = kwargs.pop("task_ids", None)  # accepted (and ignored) when no MultiTask setup is active
     if task_ids is None and setup_entry is not None:
         task_ids = setup_entry.task_ids
     ctx = ForwardContext()
@@ -157,17 +171,12 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
                 ctx.input_ids = _replicate(ctx.input_ids, copies, batch)
     if state.multitask_names is not None:
         if task_ids is None:
-            _calls().append((swapped, previous, False))
             raise ValueError("The active setup is MultiTask: pass task_ids=[...] (one task per row) to forward.")
         device = next((t.device for t in (ctx.input_ids, ctx.attention_mask) if isinstance(t, torch.Tensor)), None)
         if device is None:
             device = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
         ctx.set_task_ids(_task_tensor(task_ids, state.multitask_names), len(state.multitask_names), device)
-    elif task_ids is not None and not swapped:
-        pass  # task_ids are accepted and ignored when no MultiTask setup is active
-    push_context(ctx)
-    _calls().append((swapped, previous, True))
-    return args, kwargs
+    return args, kwargs, ctx
 
 
 def _post_forward(model: nn.Module, args: tuple, output: Any) -> None:
