@@ -103,3 +103,38 @@ def test_fuse_and_split_refused(model, block) -> None:
     with pytest.raises(CompositionError, match=rf"method 'lora'.*{name}"):
         model.set_active_adapters(block)
     assert model.active_adapters == ac.Stack("a")  # unchanged
+
+
+def test_failed_multitask_forward_leaves_no_state_behind() -> None:
+    """A forward that fails in the pre-hook (bad or missing task ids) must not leave a context or a
+    pending call entry behind: the next forward passes behave exactly as before."""
+    import adapters
+    import adapters.composition as ac
+    from adapters import model as model_module
+    from adapters.context import current_context
+    from adapters.testing import tiny_inputs, tiny_model
+
+    model = tiny_model("qwen3")
+    adapters.init(model)
+    model.add_adapter("a", "lora[init_weights='bert']")
+    model.add_adapter("b", "lora[init_weights='bert']")
+    inputs = tiny_inputs(model)
+    with torch.no_grad():
+        model.set_active_adapters("a")
+        only_a = model(**inputs).last_hidden_state
+        model.set_active_adapters(ac.MultiTask("a", "b"))
+        for bad in ({"task_ids": [0, 7]}, {}):
+            with pytest.raises(ValueError, match="task_ids"):
+                model(**inputs, **bad)
+            assert model_module._calls() == [] and current_context() is None
+        with adapters.AdapterSetup("a"):
+            assert torch.equal(model(**inputs).last_hidden_state, only_a)
+        assert model.active_adapters == ac.MultiTask("a", "b")
+        # an AdapterSetup swapped in for the call is swapped out again when the call fails
+        model.set_active_adapters("a")
+        for bad_ids in (None, [0, 7]):
+            with adapters.AdapterSetup(ac.MultiTask("a", "b"), task_ids=bad_ids), \
+                    pytest.raises(ValueError, match="task_ids"):
+                model(**inputs)
+        assert model.active_adapters == ac.Stack("a")
+        assert torch.equal(model(**inputs).last_hidden_state, only_a)
