@@ -53,3 +53,15 @@ def test_layer_recomputed_without_context_uses_the_forward_positions() -> None:
     recomputed = layer.edit(h)
     torch.testing.assert_close(recomputed, in_forward, rtol=0, atol=0)
     assert torch.equal(recomputed[0, :2], h[0, :2]) and torch.equal(recomputed[1, 4:], h[1, 4:])  # padding untouched
+
+
+def test_adapter_added_after_a_dtype_move_follows_the_model() -> None:
+    model = tiny_model("qwen3")
+    adapters.init(model)
+    model.add_adapter("first", config="loreft")
+    model.to(torch.float64)
+    model.add_adapter("second", config="loreft", set_active=True)
+    dtypes = {p.dtype for layer in model._adapters_state.layers("second")
+              for p in layer.adapters["second"].parameters()}
+    assert dtypes == {torch.float64}
+    assert model(**tiny_inputs(model)).last_hidden_state.dtype == torch.float64

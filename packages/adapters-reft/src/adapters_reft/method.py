@@ -65,4 +65,5 @@ class ReftMethod(AdapterMethod):
             if not layer.hooked:
                 site.register_hook(layer, owner.register_forward_hook(layer.hook))
                 layer.hooked = True
+            layer.base_dtype, layer.device = dtype, device  # the model may have moved since the layer was made
             layer.add_adapter(name, config, site)
