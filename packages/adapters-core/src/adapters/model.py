@@ -23,7 +23,7 @@ from .interface import AdapterModelInterface
 from .method import AdapterConfig, AdapterLayer, AttachSite
 from .plugins import registry
 from .points import InterfaceError, resolve_points
-from .state import AdapterRecord, AdapterState, FusionRecord
+from .state import AdapterRecord, AdapterState, FusionRecord, _names
 
 __all__ = ["init", "AdapterModelMixin", "load_model"]
 
@@ -301,15 +301,7 @@ class AdapterModelMixin:
             self.delete_adapter_fusion(fusion.name)
         if state.active is not None and adapter_name in _names(state.active):
             state.activate(None)
-        for layer in state.layers(adapter_name):
-            layer.delete_adapter(adapter_name)
-            if layer.is_empty():
-                layer.detach_from_model()
-        container = state.shared_container()
-        if container is not None and adapter_name in container:
-            del container[adapter_name]
-            if len(container) == 0:  # restore the original module tree exactly
-                delattr(self, "adapters_shared")
+        state.remove_modules(adapter_name, state.layers(adapter_name))
         for method in record.methods:
             method.after_delete(state, adapter_name)
         del state.adapters[adapter_name]
@@ -658,10 +650,6 @@ class AdapterModelMixin:
         return push_adapter_to_hub(self, repo_id, adapter_name, **kwargs)
 
 
-def _names(setup: Any) -> list[str]:
-    return [setup] if isinstance(setup, str) else setup.flatten()
-
-
 def _fusion_name(adapter_names: Any) -> str:
     if isinstance(adapter_names, ac.Fuse):
         return adapter_names.fusion_name
@@ -684,16 +672,7 @@ def _unique_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 def _undo_attach(state: AdapterState, site: AttachSite, name: str) -> None:
-    for layer in reversed(site.touched):
-        layer.delete_adapter(name)
-        if layer.is_empty():
-            layer.detach_from_model()
-    container = state.shared_container()
-    if container is not None and name in container:
-        del container[name]
-        if len(container) == 0:
-            delattr(state.model, "adapters_shared")
-    state.invalidate()
+    state.remove_modules(name, list(reversed(site.touched)))
 
 
 def load_model(model_or_path: Any, adapter_path: str, **kwargs: Any) -> nn.Module:

@@ -120,6 +120,20 @@ class AdapterState:
             created.append(key)
         return per_adapter[key]
 
+    def remove_modules(self, name: str, layers: list[AdapterLayer]) -> None:
+        """Take adapter ``name`` out of ``layers`` and the shared container; layers left empty, and an
+        empty shared container, are removed so the module tree is exactly as before the adapter."""
+        for layer in layers:
+            layer.delete_adapter(name)
+            if layer.is_empty():
+                layer.detach_from_model()
+        container = self.shared_container()
+        if container is not None and name in container:
+            del container[name]
+            if len(container) == 0:
+                delattr(self.model, SHARED_ATTR)
+        self.invalidate()
+
     def shared_modules(self, name: str) -> dict[str, nn.Module]:
         """Model-level modules of adapter ``name`` by key."""
         container = self.shared_container()
