@@ -64,10 +64,11 @@ def init(model: nn.Module, interface: AdapterModelInterface | None = None) -> nn
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         interface = registry.interface(model_type) if model_type else None
         if interface is not None:
-            from .interfaces.builtin import BUILTIN_INTERFACES, interface_for_config
+            from .interfaces.builtin import BUILTIN_INTERFACES, fit_layer_stacks, interface_for_config
 
             if interface is BUILTIN_INTERFACES.get(model_type):
                 interface = interface_for_config(model.config) or interface
+                interface = fit_layer_stacks(interface, model)
         if interface is None:
             known = ", ".join(registry.interface_types())
             raise InterfaceError(
