@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import composition as ac
+from . import context as _context
 from .context import ForwardContext, current_setup, pop_context, push_context
 from .errors import AdapterError, CompositionError
 from .interface import AdapterModelInterface
@@ -196,9 +197,7 @@ def _post_forward(model: nn.Module, args: tuple, output: Any) -> None:
 
 
 def _setups_active() -> bool:
-    from . import context
-
-    return context._OPEN_SETUPS > 0
+    return _context._OPEN_SETUPS > 0
 
 
 def _task_tensor(task_ids: Any, names: list[str]) -> torch.Tensor:
