@@ -10,9 +10,11 @@ from torch import nn
 
 from ..checkpoint import read_json, read_tensors
 from ..errors import CheckpointError
+from ..plugins import registry
 from ..points import FusedQKV
 
-__all__ = ["Target", "module_targets", "match_module", "read_json", "read_tensors", "layer_index"]
+__all__ = ["Target", "module_targets", "match_module", "method_config_class", "read_json", "read_tensors",
+           "layer_index"]
 
 #: What a module path of the foreign format can be on our model.
 KINDS = ("q", "k", "v", "qkv", "o", "intermediate", "output")
@@ -81,3 +83,13 @@ def rows_of(fused: FusedQKV, which: str, width: int) -> torch.Tensor:
     if isinstance(rows, slice):
         return torch.arange(rows.start, rows.stop)
     return rows
+
+
+def method_config_class(class_name: str, distribution: str, source: str) -> type:
+    """A method package's config class looked up through the plugin registry (core never imports a
+    method package by name); a :class:`CheckpointError` naming ``source`` when it is not installed."""
+    try:
+        return registry.export(class_name)
+    except (ImportError, KeyError):
+        raise CheckpointError(f"{source}: reading it needs {class_name} from {distribution}: "
+                              f"pip install {distribution}") from None

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..checkpoint import CONFIG_FILE, LoadedCheckpoint
 from ..errors import CheckpointError
-from ._common import read_json, read_tensors
+from ._common import method_config_class, read_json, read_tensors
 
 __all__ = ["AH_WEIGHTS", "AH_WEIGHTS_ST", "read_adapterhub"]
 
@@ -165,13 +165,7 @@ def _read_bottleneck(cfg_path: str, meta: dict[str, Any], cfg: dict[str, Any], w
                      directory: str) -> LoadedCheckpoint:
     import dataclasses
 
-    from ..plugins import registry
-
-    try:
-        BnConfig = registry.export("BnConfig")
-    except (ImportError, KeyError):
-        raise CheckpointError(f"{cfg_path}: reading bottleneck adapters needs adapters-bottleneck: "
-                              "pip install adapters-bottleneck") from None
+    BnConfig = method_config_class("BnConfig", "adapters-bottleneck", cfg_path)
     ours = {f.name for f in dataclasses.fields(BnConfig)}
     problems = [f"{k}={v!r}" for k, v in cfg.items() if k not in ours and v not in (None, False, [], {}, "")]
     if problems:
@@ -251,13 +245,7 @@ def _read_reft(cfg_path: str, meta: dict[str, Any], cfg: dict[str, Any], weights
                directory: str) -> LoadedCheckpoint:
     import dataclasses
 
-    from ..plugins import registry
-
-    try:
-        ReftConfig = registry.export("ReftConfig")
-    except (ImportError, KeyError):
-        raise CheckpointError(f"{cfg_path}: reading ReFT adapters needs adapters-reft: "
-                              "pip install adapters-reft") from None
+    ReftConfig = method_config_class("ReftConfig", "adapters-reft", cfg_path)
     ours = {f.name for f in dataclasses.fields(ReftConfig)}
     problems = [f"{k}={v!r}" for k, v in cfg.items()
                 if k not in ours and k not in _REFT_AH_ONLY and v not in (None, False, [], {}, "")]

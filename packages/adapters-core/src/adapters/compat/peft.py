@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoint import CONFIG_FILE, LoadedCheckpoint
 from ..errors import AdapterError, CheckpointError
-from ._common import Target, match_module, module_targets, read_json, read_tensors, rows_of
+from ._common import Target, match_module, method_config_class, module_targets, read_json, read_tensors, rows_of
 
 __all__ = ["PEFT_WEIGHTS", "PEFT_WEIGHTS_PT", "read_peft", "save_peft"]
 
@@ -135,16 +135,6 @@ def read_peft(directory: str) -> LoadedCheckpoint | None:
     return LoadedCheckpoint(name=name, config=None, tensors={}, meta=meta, source=directory, resolve=resolve)
 
 
-def _lora_config_class():
-    """``LoRAConfig`` through the plugin registry (core never imports a method package by name)."""
-    from ..plugins import registry
-
-    try:
-        return registry.export("LoRAConfig")
-    except (ImportError, KeyError):
-        raise CheckpointError("Reading PEFT LoRA checkpoints needs the LoRA method package: "
-                              "pip install adapters-lora") from None
-
 
 def _resolve(model: nn.Module, cfg: dict[str, Any], modules: dict[str, dict[str, torch.Tensor]],
              weights_path: str, name: str, directory: str) -> LoadedCheckpoint:
@@ -200,7 +190,7 @@ def lora_from_modules(model: nn.Module, modules: dict[str, dict[str, torch.Tenso
         r = next(iter(ranks.values()))
     else:
         r = 1
-    LoRAConfig = _lora_config_class()
+    LoRAConfig = method_config_class("LoRAConfig", "adapters-lora", "a PEFT LoRA checkpoint")
     try:
         config = LoRAConfig(
             selfattn_lora=bool(kinds & {"q", "k", "v", "o"}),
@@ -240,7 +230,7 @@ def save_peft(model: nn.Module, directory: str, name: str) -> None:
     state = model._adapters_state
     record = state.record(name)
     config = record.config
-    LoRAConfig = _lora_config_class()
+    LoRAConfig = method_config_class("LoRAConfig", "adapters-lora", "a PEFT LoRA checkpoint")
     problems = []
     if not isinstance(config, LoRAConfig) or hasattr(config, "n_up_projection"):
         problems.append(f"a {type(config).__name__} adapter")
