@@ -296,6 +296,16 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(stem: str, results: dict[str, Any], table: str) -> None:
+    """Write ``<stem>.json`` and ``<stem>.md`` and print the table."""
+    with open(stem + ".json", "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=2, default=_fmt)
+    with open(stem + ".md", "w", encoding="utf-8") as fh:
+        fh.write(table)
+    print()
+    print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -323,14 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args)
     os.makedirs(args.out, exist_ok=True)
     batch, seq = args.train_shape
-    stem = os.path.join(args.out, f"{'gpu' if gpu else 'cpu'}-{args.size}-train{batch}x{seq}")
-    with open(stem + ".json", "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=2, default=_fmt)
-    table = markdown(results)
-    with open(stem + ".md", "w", encoding="utf-8") as fh:
-        fh.write(table)
-    print()
-    print(table)
+    write_results(os.path.join(args.out, f"{'gpu' if gpu else 'cpu'}-{args.size}-train{batch}x{seq}"),
+                  results, markdown(results))
 
 
 if __name__ == "__main__":

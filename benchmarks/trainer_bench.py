@@ -34,7 +34,6 @@ import argparse
 import copy
 import datetime
 import gc
-import json
 import os
 import platform
 import statistics
@@ -48,7 +47,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import SIZES  # benchmarks/ is not a package
+from run import SIZES, write_results  # benchmarks/ is not a package
 
 ADAPTER_METHODS: dict[str, str] = {
     "lora_qv_r8": "lora[r=8, alpha=16]",
@@ -294,10 +293,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _fmt(value: Any) -> Any:
-    return round(value, 3) if isinstance(value, float) else value
-
-
 def markdown(results: dict[str, Any]) -> str:
     """The results as a markdown table with a one-paragraph header."""
     lines = [
@@ -351,14 +346,8 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore", category=category)
     results = run(args)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"trainer-{'gpu' if gpu else 'cpu'}-{args.size}-{args.batch}x{args.seq}")
-    with open(stem + ".json", "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=2, default=_fmt)
-    table = markdown(results)
-    with open(stem + ".md", "w", encoding="utf-8") as fh:
-        fh.write(table)
-    print()
-    print(table)
+    write_results(os.path.join(args.out, f"trainer-{'gpu' if gpu else 'cpu'}-{args.size}-{args.batch}x{args.seq}"),
+                  results, markdown(results))
 
 
 if __name__ == "__main__":
