@@ -114,8 +114,13 @@ def test_lifecycle(method, arch, base_outputs, tmp_path):
     adapter_ids = {id(p) for p in model._adapters_state.adapter_parameters("x")}
     base_keys = [k for k, v in model.state_dict(keep_vars=True).items() if id(v) not in adapter_ids]
     assert [k for k in base_keys if k in keys] == keys
-    # active: outputs change
+    # activation leaves the module tree alone (fast-path caches are not submodules)
+    added_keys = list(model.state_dict())
+    added_modules = [n for n, _ in model.named_modules()]
     model.set_active_adapters("x")
+    assert list(model.state_dict()) == added_keys
+    assert [n for n, _ in model.named_modules()] == added_modules
+    # active: outputs change
     out = _forward(model, inputs)
     assert out.shape == base.shape
     assert not torch.equal(out, base), f"{method} on {arch}: the active adapter does not change the outputs"

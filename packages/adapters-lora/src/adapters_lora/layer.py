@@ -57,6 +57,51 @@ def _init_pair(a: torch.Tensor, b: torch.Tensor, config: LoRAConfig, key: str = 
         b.copy_(b32)
 
 
+class _PlainLoRALinear(torch.autograd.Function):
+    """``y = x Wᵀ + b + s·(x Aᵀ) Bᵀ`` as one autograd node, for the training fast path.
+
+    Autograd would record the base linear, the rank-r linear, the fused ``addmm`` and their views
+    and transposes as separate nodes, and its ``addmm`` backward scales each gradient with a
+    separate kernel. Here the backward is five matrix products with the scale folded into the
+    GEMMs' ``alpha`` (``gh = g B``; ``∂x = g W + s·gh A``; ``∂A = s·ghᵀ x``; ``∂B = s·gᵀ h``), plus the
+    base weight's and bias's gradients only when they require one. The backward is written with
+    differentiable ops, so double backward works too.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+        y = F.linear(x, weight, bias)
+        h = F.linear(x, lora_A)
+        y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_w, need_b, need_a, need_lb, _ = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_w = grad_b = grad_a = grad_lb = None
+        gh = g2.mm(lora_B) if (need_x or need_a) else None
+        if need_x:
+            grad_x = g2.mm(weight).addmm_(gh, lora_A, alpha=s).view(x.shape)
+        if need_a:
+            # beta=0: the first argument only gives the shape; one GEMM with the scale as its alpha
+            grad_a = torch.addmm(lora_A, gh.t(), x2, beta=0, alpha=s)
+        if need_lb:
+            grad_lb = torch.addmm(lora_B, g2.t(), h.reshape(-1, h.shape[-1]), beta=0, alpha=s)
+        if need_w:
+            grad_w = g2.t().mm(x2)
+        if need_b and ctx.has_bias:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, grad_a, grad_lb, None
+
+
 def _add_low_rank(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float,
                   index: torch.Tensor | None, owned: bool = False) -> torch.Tensor:
     """``y + scaling · h Bᵀ`` on the output features ``index`` (all when ``None``), in one fused op.
@@ -301,7 +346,7 @@ class LoRALinear(AdapterLinear):
     def __init__(self, base: nn.Module, location: str, fused: Any = None) -> None:
         super().__init__(base, location, fused)
         self._ops = _Ops(self)
-        self._plain: LoRADelta | None = None
+        self.__dict__["_plain"] = None  # see set_plan
 
     def set_plan(self, plan: Any) -> None:
         """Install the plan; a lone plain LoRA adapter on an ``nn.Linear`` gets the straight-line path."""
@@ -309,18 +354,22 @@ class LoRALinear(AdapterLinear):
         module = self.adapters[plan.name] if type(plan) is Leaf else None
         plain = (type(module) is LoRADelta and module.dropout is None and module.gate is None
                  and module.row_index is None and not self.is_conv1d)
-        self._plain = module if plain else None
+        # a plain attribute, not a submodule: state_dict() and named_modules() must not list the
+        # adapter a second time
+        self.__dict__["_plain"] = module if plain else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plain = self._plain
-        if plain is not None and plain.lora_A.dtype == x.dtype == self.weight.dtype:
-            # y = Wx + b + s·B(Ax): the base GEMM, the rank-r GEMM and one fused addmm
+        # the in-place update is not autocast-aware: under autocast the general path runs
+        if (plain is not None and plain.lora_A.dtype == x.dtype == self.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            # y = Wx + b + s·B(Ax): the base GEMM, the rank-r GEMM and one fused in-place addmm
+            if torch.is_grad_enabled():
+                return _PlainLoRALinear.apply(x, self.weight, self.bias, plain.lora_A, plain.lora_B, plain.scaling)
             y = F.linear(x, self.weight, self.bias)
             h = F.linear(x, plain.lora_A)
-            y2, h2 = y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1])
-            if torch.is_grad_enabled():
-                return torch.addmm(y2, h2, plain.lora_B.t(), alpha=plain.scaling).view(y.shape)
-            return y2.addmm_(h2, plain.lora_B.t(), alpha=plain.scaling).view(y.shape)
+            return y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), plain.lora_B.t(),
+                                                  alpha=plain.scaling).view(y.shape)
         y = self.base_forward(x)
         plan = self.plan
         if plan is None:
