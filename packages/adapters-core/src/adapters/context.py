@@ -60,10 +60,14 @@ class ForwardContext:
             raise ValueError(f"task_ids must lie in [0, {num_tasks}); got values outside that range.")
         perm = torch.argsort(host, stable=True)
         self.task_sizes = torch.bincount(host, minlength=num_tasks).tolist()
-        device = device if device is not None else task_ids.device
-        self.task_ids = host.to(device)
-        self.task_perm = perm.to(device)
-        self.task_inverse = torch.argsort(perm).to(device)
+        device = torch.device(device if device is not None else task_ids.device)
+        packed = torch.stack([host, perm, torch.argsort(perm)])
+        if device.type == "cuda":
+            # one asynchronous copy from pinned memory: no host-device synchronisation
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        elif device.type != "cpu":
+            packed = packed.to(device)
+        self.task_ids, self.task_perm, self.task_inverse = packed.unbind(0)
 
 
 def current_context() -> ForwardContext | None:
