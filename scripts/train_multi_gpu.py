@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_set = [wt.encode_example(r, tokenizer, args.max_length) for r in rows]
     fsdp_kwargs = {}
     if args.strategy == "fsdp":
-        fsdp_kwargs = {"fsdp": "full_shard auto_wrap",
+        fsdp_kwargs = {"fsdp": True,
                        "fsdp_config": {"version": 2, "state_dict_type": "FULL_STATE_DICT",
                                        "reshard_after_forward": True}}
     lr = args.learning_rate if args.learning_rate is not None else (1e-2 if args.model is None else 2e-4)
