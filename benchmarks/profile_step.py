@@ -62,7 +62,12 @@ def main() -> None:
         # device syncs (the one explicit synchronize after the loop included); .item() on CPU tensors
         # (e.g. the optimizer's step counters) is not a device sync and is not counted
         syncs = sum(e.count for e in events if "synchronize" in e.key.lower())
-        print(f"\n===== {name} ({args.mode}), 5 iterations; device synchronisations: {syncs}")
+        # kernel launches per step: on a launch-bound step, an adapter's cost is mostly its launches
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC",
+                                                            "cuLaunchKernel", "cuLaunchKernelEx"))
+        ops = sum(e.count for e in events if e.key.startswith("aten::"))
+        print(f"\n===== {name} ({args.mode}), 5 iterations; device synchronisations: {syncs}; "
+              f"per step: {launches / 5:.0f} kernel launches, {ops / 5:.0f} aten ops")
         sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
         print(events.table(sort_by=sort, row_limit=args.rows))
 

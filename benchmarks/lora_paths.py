@@ -1,0 +1,100 @@
+"""Compare implementations of the LoRA training fast path on one model, interleaved with the base.
+
+``fn``: the single autograd node (:class:`adapters_lora.layer._PlainLoRALinear`); ``autograd``: the
+same math as separate autograd ops (base linear, rank-r linear, fused ``addmm`` with views);
+``flat``: the separate ops on 2-D views (fewer view nodes). Usage::
+
+    python benchmarks/lora_paths.py --device cuda --shapes 8x512 16x2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import adapter_train_step, base_train_step, build_base
+
+from adapters_lora.layer import LoRALinear, _PlainLoRALinear
+
+
+class _Fn(LoRALinear):
+    def forward(self, x):
+        p = self._plain
+        return _PlainLoRALinear.apply(x, self.weight, self.bias, p.lora_A, p.lora_B, p.scaling)
+
+
+class _Autograd(LoRALinear):
+    def forward(self, x):
+        p = self._plain
+        y = F.linear(x, self.weight, self.bias)
+        h = F.linear(x, p.lora_A)
+        y2, h2 = y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1])
+        return torch.addmm(y2, h2, p.lora_B.t(), alpha=p.scaling).view(y.shape)
+
+
+class _Flat(LoRALinear):
+    def forward(self, x):
+        p = self._plain
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = torch.addmm(self.bias, x2, self.weight.t()) if self.bias is not None else x2.mm(self.weight.t())
+        y2 = torch.addmm(y2, x2.mm(p.lora_A.t()), p.lora_B.t(), alpha=p.scaling)
+        return y2.view(*x.shape[:-1], y2.shape[-1])
+
+
+VARIANTS = {"fn": _Fn, "autograd": _Autograd, "flat": _Flat}
+
+
+def main() -> None:
+    import adapters
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", default=None)
+    parser.add_argument("--shapes", nargs="+", default=None)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--config", default="lora[r=8, alpha=16]")
+    args = parser.parse_args()
+    gpu = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    base = build_base(args.size or ("0.6b" if gpu else "tiny"), dtype, args.device)
+    models = {}
+    for key, cls in VARIANTS.items():
+        m = copy.deepcopy(base)
+        adapters.init(m)
+        m.add_adapter("p", config=args.config)
+        m.train_adapter("p")
+        m.eval()
+        for mod in m.modules():
+            if isinstance(mod, LoRALinear):
+                mod.__class__ = cls
+        models[key] = m
+    for shape in args.shapes or (["8x512", "16x2048"] if gpu else ["2x64"]):
+        b, t = map(int, shape.split("x"))
+        x = torch.randn(b, t, base.config.hidden_size, device=args.device, dtype=dtype)
+        fns = {"base": base_train_step(base, x)} | {k: adapter_train_step(m, x) for k, m in models.items()}
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        for i in range(args.repeats + 5):
+            for key, fn in fns.items():
+                if gpu:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if gpu:
+                    torch.cuda.synchronize()
+                if i >= 5:
+                    samples[key].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        line = ", ".join(f"{k} {med[k] / med['base']:.3f}x" for k in fns if k != "base")
+        print(f"{shape}: base {1e3 * med['base']:.1f} ms; {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
