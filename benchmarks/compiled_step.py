@@ -13,29 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import METHODS, build_base
-
-
-def _step(model: torch.nn.Module, embeds: torch.Tensor, train_adapter: bool):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=embeds.is_cuda) if train_adapter else None
-
-    def step() -> None:
-        x = embeds.detach().requires_grad_(True)
-        out = model(inputs_embeds=x).last_hidden_state
-        out.float().pow(2).mean().backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    return step
+from run import METHODS, adapter_train_step, base_train_step, build_base, interleaved
 
 
 def main() -> None:
@@ -55,30 +39,20 @@ def main() -> None:
     b, t = map(int, (args.shape or ("8x512" if gpu else "2x64")).split("x"))
     embeds = torch.randn(b, t, base.config.hidden_size, device=args.device, dtype=dtype)
     mode = None if args.mode == "default" else args.mode
-    fns = {"base": _step(torch.compile(base, mode=mode), embeds, False)}
+    fns = {"base": base_train_step(torch.compile(base, mode=mode), embeds)}
     for name in args.methods:
         model = copy.deepcopy(base)
         adapters.init(model)
         model.add_adapter("p", config=METHODS[name][0])
         model.train_adapter("p")
         model.eval()
-        fns[name] = _step(torch.compile(model, mode=mode), embeds, True)
+        fns[name] = adapter_train_step(torch.compile(model, mode=mode), embeds)
     for key, fn in fns.items():  # compile and warm up (CUDA graphs record after a few runs)
         start = time.perf_counter()
         for _ in range(4):
             fn()
         print(f"{key}: compiled and warmed up in {time.perf_counter() - start:.0f} s", flush=True)
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.repeats):
-        for key, fn in fns.items():
-            if gpu:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if gpu:
-                torch.cuda.synchronize()
-            samples[key].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in samples.items()}
+    med = interleaved(fns, args.device, warmup=0, repeats=args.repeats)
     ratios = ", ".join(f"{k} {med[k] / med['base']:.3f}x" for k in fns if k != "base")
     print(f"torch.compile mode={args.mode}, {b}x{t}: base {1e3 * med['base']:.1f} ms; {ratios}")
 

@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import adapter_train_step, base_train_step, build_base
+from run import adapter_train_step, base_train_step, build_base, interleaved
 
 from adapters_lora.layer import LoRALinear, _PlainLoRALinear
 
@@ -80,18 +78,7 @@ def main() -> None:
         b, t = map(int, shape.split("x"))
         x = torch.randn(b, t, base.config.hidden_size, device=args.device, dtype=dtype)
         fns = {"base": base_train_step(base, x)} | {k: adapter_train_step(m, x) for k, m in models.items()}
-        samples: dict[str, list[float]] = {k: [] for k in fns}
-        for i in range(args.repeats + 5):
-            for key, fn in fns.items():
-                if gpu:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                if gpu:
-                    torch.cuda.synchronize()
-                if i >= 5:
-                    samples[key].append(time.perf_counter() - start)
-        med = {k: statistics.median(v) for k, v in samples.items()}
+        med = interleaved(fns, args.device, warmup=5, repeats=args.repeats)
         line = ", ".join(f"{k} {med[k] / med['base']:.3f}x" for k in fns if k != "base")
         print(f"{shape}: base {1e3 * med['base']:.1f} ms; {line}", flush=True)
 
