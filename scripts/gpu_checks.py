@@ -8,7 +8,8 @@ Each check prints PASS or FAIL with its numbers; the exit status is the number o
 * LoRA under ``torch.compile(fullgraph=True)`` (inductor) matches eager, forward and a training step;
 * every method runs forward + backward in bf16 on the GPU, adapters in bf16, and adds no device
   synchronisation to the base model's forward pass (counted with the profiler);
-* merged equals unmerged in bf16 for LoRA, DoRA, IA3 and VeRA.
+* merged equals unmerged in bf16 for LoRA, DoRA, IA3 and VeRA;
+* a float32 model trains and infers under bf16 autocast with each method, weights left in float32.
 """
 
 from __future__ import annotations
@@ -162,6 +163,27 @@ for _config in ["lora[init_weights='bert']", "dora[init_weights='bert']", "ia3[i
         assert diff < 0.1, f"merged differs from unmerged by {diff}"
         assert torch.equal(back, unmerged), "reset did not restore the unmerged output exactly"
         return f"max |merged - unmerged| = {diff:.2e} (bf16 rounding); reset exact"
+
+
+for _config in ["lora", "dora", "ia3", "seq_bn", "loreft"]:
+
+    @check(f"fp32_model_bf16_autocast[{_config}]")
+    def _autocast(config: str = _config) -> str:
+        model = tiny_model("qwen3", "causal_lm", hidden_size=64, intermediate_size=128, head_dim=16).to(DEVICE)
+        adapters.init(model)
+        model.add_adapter("a", config=config)
+        model.train_adapter("a")
+        inputs = batch(model)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+            loss.backward()
+            with torch.no_grad():
+                model(**inputs)
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        assert all(p.dtype == torch.float32 for p in model.parameters()), "autocast changed a weight's dtype"
+        assert all(p.grad is None for p in frozen), "a frozen weight got a gradient"
+        assert torch.isfinite(loss), "loss is not finite"
+        return f"loss {loss.item():.3f}; weights stay float32, frozen ones get no gradient"
 
 
 if __name__ == "__main__":
