@@ -72,6 +72,10 @@ def test_fast_path_gradients_match_plain_autograd(bias) -> None:
     assert torch.autograd.gradcheck(
         lambda x, a, bb: _PlainLoRALinear.apply(x, weight, b, a, bb, 1.5), (x, lora_a, lora_b)
     )
+    # second order (gradient penalties, meta-learning): the backward is itself differentiable
+    assert torch.autograd.gradgradcheck(
+        lambda x, a, bb: _PlainLoRALinear.apply(x, weight, b, a, bb, 1.5), (x, lora_a, lora_b)
+    )
 
 
 def test_compiled_training_step_matches_eager(helpers) -> None:

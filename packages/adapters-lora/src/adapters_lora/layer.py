@@ -65,7 +65,8 @@ class _PlainLoRALinear(torch.autograd.Function):
     separate kernel. Here the backward is five matrix products with the scale folded into the
     GEMMs' ``alpha`` (``gh = g B``; ``∂x = g W + s·gh A``; ``∂A = s·ghᵀ x``; ``∂B = s·gᵀ h``), plus the
     base weight's and bias's gradients only when they require one. The backward is written with
-    differentiable ops, so double backward works too.
+    differentiable ops (``h`` is recomputed when a graph of the backward is built), so double backward
+    works too.
     """
 
     @staticmethod
@@ -94,7 +95,9 @@ class _PlainLoRALinear(torch.autograd.Function):
             # beta=0: the first argument only gives the shape; one GEMM with the scale as its alpha
             grad_a = torch.addmm(lora_A, gh.t(), x2, beta=0, alpha=s)
         if need_lb:
-            grad_lb = torch.addmm(lora_B, g2.t(), h.reshape(-1, h.shape[-1]), beta=0, alpha=s)
+            # with create_graph (double backward), h must carry its dependence on x and A: recompute it
+            h2 = x2.mm(lora_A.t()) if torch.is_grad_enabled() else h.reshape(-1, h.shape[-1])
+            grad_lb = torch.addmm(lora_B, g2.t(), h2, beta=0, alpha=s)
         if need_w:
             grad_w = g2.t().mm(x2)
         if need_b and ctx.has_bias:
