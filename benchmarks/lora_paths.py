@@ -26,7 +26,7 @@ from adapters_lora.layer import LoRALinear, _PlainLoRALinear
 class _Fn(LoRALinear):
     def forward(self, x):
         p = self._plain
-        return _PlainLoRALinear.apply(x, self.weight, self.bias, p.lora_A, p.lora_B, p.scaling)
+        return _PlainLoRALinear.apply(x, self.weight, self.bias, p.lora_A, p.lora_B, p.scaling)[0]
 
 
 class _Autograd(LoRALinear):

@@ -69,19 +69,29 @@ class _PlainLoRALinear(torch.autograd.Function):
     works too.
     """
 
+    # torch.func transforms (grad, vmap for per-sample gradients) derive their rules from this
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         y = F.linear(x, weight, bias)
         h = F.linear(x, lora_A)
-        y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), lora_B.t(), alpha=scaling)
+        # out of place: vmap (torch.func) has a batching rule for addmm, not for addmm_
+        out = torch.addmm(y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1]), lora_B.t(), alpha=scaling)
+        return out.view(y.shape), h  # h: the rank-sized intermediate, returned only to be saved for the backward
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x, weight, bias, lora_A, lora_B, scaling = inputs
+        h = output[1]
+        ctx.mark_non_differentiable(h)
         ctx.save_for_backward(x, weight, lora_A, lora_B, h)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
-        return y
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad: torch.Tensor, _grad_h: Any) -> tuple[torch.Tensor | None, ...]:
         x, weight, lora_A, lora_B, h = ctx.saved_tensors
         s = ctx.scaling
         need_x, need_w, need_b, need_a, need_lb, _ = ctx.needs_input_grad
@@ -90,7 +100,7 @@ class _PlainLoRALinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_a = grad_lb = None
         gh = g2.mm(lora_B) if (need_x or need_a) else None
         if need_x:
-            grad_x = g2.mm(weight).addmm_(gh, lora_A, alpha=s).view(x.shape)
+            grad_x = torch.addmm(g2.mm(weight), gh, lora_A, alpha=s).view(x.shape)
         if need_a:
             # beta=0: the first argument only gives the shape; one GEMM with the scale as its alpha
             grad_a = torch.addmm(lora_A, gh.t(), x2, beta=0, alpha=s)
@@ -368,7 +378,7 @@ class LoRALinear(AdapterLinear):
                 and not torch.is_autocast_enabled(x.device.type)):
             # y = Wx + b + s·B(Ax): the base GEMM, the rank-r GEMM and one fused in-place addmm
             if torch.is_grad_enabled():
-                return _PlainLoRALinear.apply(x, self.weight, self.bias, plain.lora_A, plain.lora_B, plain.scaling)
+                return _PlainLoRALinear.apply(x, self.weight, self.bias, plain.lora_A, plain.lora_B, plain.scaling)[0]
             y = F.linear(x, self.weight, self.bias)
             h = F.linear(x, plain.lora_A)
             return y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), plain.lora_B.t(),

@@ -1,9 +1,10 @@
-"""LoRA-family adapters under autocast, and the training fast path against plain autograd.
+"""The straight-line LoRA path: autocast, gradients of the single-node training path, torch.func.
 
-The straight-line LoRA path fuses the low-rank update into the base output in place; autocast does
-not cast in-place ops, so under autocast the layer must take the general path. The training fast
-path is a single autograd node; its gradients are checked against the same math written with
-ordinary differentiable ops.
+The straight-line path fuses the low-rank update into the base output in place; autocast does not
+cast in-place ops, so under autocast the layer must take the general path. The training fast path
+is a single autograd node; its gradients (first and second order) are checked against the same math
+written with ordinary differentiable ops, and per-sample gradients through ``torch.func`` against a
+loop over the samples.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def test_fast_path_gradients_match_plain_autograd(bias) -> None:
 
     grad_out = torch.randn(3, 5, 12, generator=gen, dtype=torch.float64)
     expected = torch.autograd.grad(plain(x, weight, b, lora_a, lora_b), inputs, grad_out)
-    out = _PlainLoRALinear.apply(x, weight, b, lora_a, lora_b, 1.5)
+    out = _PlainLoRALinear.apply(x, weight, b, lora_a, lora_b, 1.5)[0]
     torch.testing.assert_close(out, plain(x, weight, b, lora_a, lora_b))
     for got, want in zip(torch.autograd.grad(out, inputs, grad_out), expected):
         torch.testing.assert_close(got, want)
@@ -65,16 +66,16 @@ def test_fast_path_gradients_match_plain_autograd(bias) -> None:
     weight.requires_grad_(False)
     if b is not None:
         b.requires_grad_(False)
-    out = _PlainLoRALinear.apply(x, weight, b, lora_a, lora_b, 1.5)
+    out = _PlainLoRALinear.apply(x, weight, b, lora_a, lora_b, 1.5)[0]
     grads = torch.autograd.grad(out, (x, lora_a, lora_b), grad_out)
     for got, want in zip(grads, (expected[0], expected[-2], expected[-1])):
         torch.testing.assert_close(got, want)
     assert torch.autograd.gradcheck(
-        lambda x, a, bb: _PlainLoRALinear.apply(x, weight, b, a, bb, 1.5), (x, lora_a, lora_b)
+        lambda x, a, bb: _PlainLoRALinear.apply(x, weight, b, a, bb, 1.5)[0], (x, lora_a, lora_b)
     )
     # second order (gradient penalties, meta-learning): the backward is itself differentiable
     assert torch.autograd.gradgradcheck(
-        lambda x, a, bb: _PlainLoRALinear.apply(x, weight, b, a, bb, 1.5), (x, lora_a, lora_b)
+        lambda x, a, bb: _PlainLoRALinear.apply(x, weight, b, a, bb, 1.5)[0], (x, lora_a, lora_b)
     )
 
 
@@ -93,3 +94,30 @@ def test_compiled_training_step_matches_eager(helpers) -> None:
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_torch_func_per_sample_gradients(helpers) -> None:
+    from torch.func import functional_call, grad, vmap
+
+    model = helpers.build("qwen3")
+    model.add_adapter("a", LoRAConfig(r=4, init_weights="bert", init_weights_seed=5))
+    model.train_adapter("a")
+    model.eval()
+    ids = helpers.tiny_inputs(model)["input_ids"]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert params
+
+    def loss(params, sample):
+        return functional_call(model, params, (sample,)).last_hidden_state.pow(2).mean()
+
+    batched = vmap(grad(loss), in_dims=(None, 0))(params, ids.unsqueeze(1))
+    for row in range(ids.shape[0]):
+        single = grad(loss)(params, ids[row : row + 1])
+        for name, value in single.items():
+            torch.testing.assert_close(batched[name][row], value, atol=1e-6, rtol=1e-5, msg=name)
+    # and the same gradient as autograd through the module
+    model(ids[:1]).last_hidden_state.pow(2).mean().backward()
+    reference = grad(loss)(params, ids[:1])
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, reference[name], atol=1e-6, rtol=1e-5, msg=name)
