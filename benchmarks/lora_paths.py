@@ -1,8 +1,10 @@
 """Compare implementations of the LoRA training fast path on one model, interleaved with the base.
 
-``fn``: the single autograd node (:class:`adapters_lora.layer._PlainLoRALinear`); ``autograd``: the
-same math as separate autograd ops (base linear, rank-r linear, fused ``addmm`` with views);
-``flat``: the separate ops on 2-D views (fewer view nodes). Usage::
+``flat``: the layer as shipped (autograd ops on 2-D views: base ``addmm``, rank-r ``mm``, fused
+``addmm``); ``autograd``: the same math through 3-D ``F.linear`` calls (more view nodes). An earlier
+variant, a custom ``autograd.Function`` with a hand-written backward, measured the same as ``flat``
+on an H200 (``results_gpu/lora_paths.txt``, ``fn``) and was dropped: it needed its own double-backward
+and ``torch.func`` support for no gain. Usage::
 
     python benchmarks/lora_paths.py --device cuda --shapes 8x512 16x2048
 """
@@ -20,13 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import adapter_train_step, base_train_step, build_base, interleaved
 
-from adapters_lora.layer import LoRALinear, _PlainLoRALinear
-
-
-class _Fn(LoRALinear):
-    def forward(self, x):
-        p = self._plain
-        return _PlainLoRALinear.apply(x, self.weight, self.bias, p.lora_A, p.lora_B, p.scaling)[0]
+from adapters_lora.layer import LoRALinear
 
 
 class _Autograd(LoRALinear):
@@ -38,16 +34,7 @@ class _Autograd(LoRALinear):
         return torch.addmm(y2, h2, p.lora_B.t(), alpha=p.scaling).view(y.shape)
 
 
-class _Flat(LoRALinear):
-    def forward(self, x):
-        p = self._plain
-        x2 = x.reshape(-1, x.shape[-1])
-        y2 = torch.addmm(self.bias, x2, self.weight.t()) if self.bias is not None else x2.mm(self.weight.t())
-        y2 = torch.addmm(y2, x2.mm(p.lora_A.t()), p.lora_B.t(), alpha=p.scaling)
-        return y2.view(*x.shape[:-1], y2.shape[-1])
-
-
-VARIANTS = {"fn": _Fn, "autograd": _Autograd, "flat": _Flat}
+VARIANTS = {"flat": LoRALinear, "autograd": _Autograd}
 
 
 def main() -> None:

@@ -57,64 +57,6 @@ def _init_pair(a: torch.Tensor, b: torch.Tensor, config: LoRAConfig, key: str = 
         b.copy_(b32)
 
 
-class _PlainLoRALinear(torch.autograd.Function):
-    """``y = x Wᵀ + b + s·(x Aᵀ) Bᵀ`` as one autograd node, for the training fast path.
-
-    Autograd would record the base linear, the rank-r linear, the fused ``addmm`` and their views
-    and transposes as separate nodes, and its ``addmm`` backward scales each gradient with a
-    separate kernel. Here the backward is five matrix products with the scale folded into the
-    GEMMs' ``alpha`` (``gh = g B``; ``∂x = g W + s·gh A``; ``∂A = s·ghᵀ x``; ``∂B = s·gᵀ h``), plus the
-    base weight's and bias's gradients only when they require one. The backward is written with
-    differentiable ops (``h`` is recomputed when a graph of the backward is built), so double backward
-    works too.
-    """
-
-    # torch.func transforms (grad, vmap for per-sample gradients) derive their rules from this
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                lora_B: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        y = F.linear(x, weight, bias)
-        h = F.linear(x, lora_A)
-        # out of place: vmap (torch.func) has a batching rule for addmm, not for addmm_
-        out = torch.addmm(y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1]), lora_B.t(), alpha=scaling)
-        return out.view(y.shape), h  # h: the rank-sized intermediate, returned only to be saved for the backward
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-        x, weight, bias, lora_A, lora_B, scaling = inputs
-        h = output[1]
-        ctx.mark_non_differentiable(h)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
-        ctx.scaling = scaling
-        ctx.has_bias = bias is not None
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, _grad_h: Any) -> tuple[torch.Tensor | None, ...]:
-        x, weight, lora_A, lora_B, h = ctx.saved_tensors
-        s = ctx.scaling
-        need_x, need_w, need_b, need_a, need_lb, _ = ctx.needs_input_grad
-        g2 = grad.reshape(-1, grad.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        grad_x = grad_w = grad_b = grad_a = grad_lb = None
-        gh = g2.mm(lora_B) if (need_x or need_a) else None
-        if need_x:
-            grad_x = torch.addmm(g2.mm(weight), gh, lora_A, alpha=s).view(x.shape)
-        if need_a:
-            # beta=0: the first argument only gives the shape; one GEMM with the scale as its alpha
-            grad_a = torch.addmm(lora_A, gh.t(), x2, beta=0, alpha=s)
-        if need_lb:
-            # with create_graph (double backward), h must carry its dependence on x and A: recompute it
-            h2 = x2.mm(lora_A.t()) if torch.is_grad_enabled() else h.reshape(-1, h.shape[-1])
-            grad_lb = torch.addmm(lora_B, g2.t(), h2, beta=0, alpha=s)
-        if need_w:
-            grad_w = g2.t().mm(x2)
-        if need_b and ctx.has_bias:
-            grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, grad_a, grad_lb, None
-
-
 def _add_low_rank(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float,
                   index: torch.Tensor | None, owned: bool = False) -> torch.Tensor:
     """``y + scaling · h Bᵀ`` on the output features ``index`` (all when ``None``), in one fused op.
@@ -376,13 +318,18 @@ class LoRALinear(AdapterLinear):
         # the in-place update is not autocast-aware: under autocast the general path runs
         if (plain is not None and plain.lora_A.dtype == x.dtype == self.weight.dtype
                 and not torch.is_autocast_enabled(x.device.type)):
-            # y = Wx + b + s·B(Ax): the base GEMM, the rank-r GEMM and one fused in-place addmm
+            # y = Wx + b + s·B(Ax) on 2-D views: the base GEMM (bias in its epilogue), the rank-r GEMM
+            # and one fused addmm. Flat views keep autograd's graph small (no per-linear view nodes);
+            # a frozen W's transpose records nothing.
+            x2 = x.reshape(-1, x.shape[-1])
+            bias = self.bias
+            y2 = torch.addmm(bias, x2, self.weight.t()) if bias is not None else x2.mm(self.weight.t())
+            h2 = x2.mm(plain.lora_A.t())
             if torch.is_grad_enabled():
-                return _PlainLoRALinear.apply(x, self.weight, self.bias, plain.lora_A, plain.lora_B, plain.scaling)[0]
-            y = F.linear(x, self.weight, self.bias)
-            h = F.linear(x, plain.lora_A)
-            return y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), plain.lora_B.t(),
-                                                  alpha=plain.scaling).view(y.shape)
+                y2 = torch.addmm(y2, h2, plain.lora_B.t(), alpha=plain.scaling)
+            else:
+                y2.addmm_(h2, plain.lora_B.t(), alpha=plain.scaling)
+            return y2.view(*x.shape[:-1], y2.shape[-1])
         y = self.base_forward(x)
         plan = self.plan
         if plan is None:
