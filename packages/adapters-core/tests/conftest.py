@@ -22,9 +22,9 @@ from torch import nn
 
 import adapters
 from adapters.errors import AdapterError
-from adapters.method import AdapterConfig, AdapterLayer, AdapterMethod, AttachSite
+from adapters.linear import AdapterLinear
+from adapters.method import AdapterConfig, AdapterMethod, AttachSite
 from adapters.plan import Leaf, PlanOps, execute
-from adapters.points import linear_features
 
 TOY_NAME = "core_test_scale"
 
@@ -58,18 +58,12 @@ class _ToyAdapter(nn.Module):
         self.scale = nn.Parameter(torch.full((width,), float(init), dtype=dtype, device=device))
 
 
-class ToyScaleLayer(AdapterLayer):
+class ToyScaleLayer(AdapterLinear):
     """Wraps a linear projection (``nn.Linear`` or GPT-2 ``Conv1D``), sharing its parameters."""
 
     def __init__(self, base: nn.Module, location: str) -> None:
-        super().__init__(location)
-        # take over the original parameters (same tensors), so base state-dict keys do not change
-        self.is_conv1d = not isinstance(base, nn.Linear)
-        _, self.out_features = linear_features(base)
-        self.weight = base.weight
-        self.bias = base.bias
+        super().__init__(base, location)
         self._ops = _ToyOps(self)
-        self._backup: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def add_adapter(self, name: str, config: ToyScaleConfig, site: AttachSite) -> None:
         weight = self.weight
@@ -77,10 +71,7 @@ class ToyScaleLayer(AdapterLayer):
                                           weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_conv1d:
-            y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
-        else:
-            y = nn.functional.linear(x, self.weight, self.bias)
+        y = self.base_forward(x)
         plan = self.plan
         if plan is None:
             return y
@@ -89,26 +80,15 @@ class ToyScaleLayer(AdapterLayer):
         return execute(plan, (y,), self._ops)
 
     def merge_adapter(self, name: str) -> None:
-        weight, bias = self.weight, self.bias
-        self._backup = (weight.detach().clone(), None if bias is None else bias.detach().clone())
+        self.begin_merge()
         s = self.adapters[name].scale.detach()
         with torch.no_grad():
             if not self.is_conv1d:
-                weight.mul_(s.unsqueeze(1))
+                self.weight.mul_(s.unsqueeze(1))
             else:  # Conv1D: weight is in x out
-                weight.mul_(s.unsqueeze(0))
-            if bias is not None:
-                bias.mul_(s)
-
-    def unmerge_adapter(self, name: str) -> None:
-        if self._backup is None:
-            return
-        weight, bias = self._backup
-        with torch.no_grad():
-            self.weight.copy_(weight)
-            if bias is not None:
-                self.bias.copy_(bias)
-        self._backup = None
+                self.weight.mul_(s.unsqueeze(0))
+            if self.bias is not None:
+                self.bias.mul_(s)
 
 
 class ToyScaleMethod(AdapterMethod):
