@@ -181,13 +181,7 @@ def _read_bottleneck(cfg_path: str, meta: dict[str, Any], cfg: dict[str, Any], w
 
     def resolve(model: nn.Module) -> LoadedCheckpoint:
         _check_model_type(cfg_path, saved_type, model)
-        state = model._adapters_state
-        base_path = state.points.base_path
-        layer_paths = {}
-        for lp in state.points.layers:
-            layer_paths[lp.module.path + "."] = lp.index
-            if base_path and lp.module.path.startswith(base_path + "."):
-                layer_paths[lp.module.path[len(base_path) + 1:] + "."] = lp.index
+        layer_paths = {path + ".": index for path, index in _layer_indices(model).items()}
         out: dict[str, torch.Tensor] = {}
         for key, tensor in tensors.items():
             out[_bn_location(key, name, layer_paths, weights_path)] = tensor
@@ -197,6 +191,18 @@ def _read_bottleneck(cfg_path: str, meta: dict[str, Any], cfg: dict[str, Any], w
 
     return LoadedCheckpoint(name=name, config=None, tensors={}, meta={"format": "adapterhub", **meta},
                             source=directory, resolve=resolve)
+
+
+def _layer_indices(model: nn.Module) -> dict[str, int]:
+    """Layer index by module path, both from the model's root and from inside its base model."""
+    points = model._adapters_state.points
+    base_path = points.base_path
+    paths: dict[str, int] = {}
+    for lp in points.layers:
+        paths[lp.module.path] = lp.index
+        if base_path and lp.module.path.startswith(base_path + "."):
+            paths[lp.module.path[len(base_path) + 1:]] = lp.index
+    return paths
 
 
 def _bn_location(key: str, name: str, layer_paths: dict[str, int], weights_path: str) -> str:
@@ -276,13 +282,7 @@ def _read_reft(cfg_path: str, meta: dict[str, Any], cfg: dict[str, Any], weights
 
     def resolve(model: nn.Module) -> LoadedCheckpoint:
         _check_model_type(cfg_path, saved_type, model)
-        state = model._adapters_state
-        base_path = state.points.base_path
-        paths = {}
-        for lp in state.points.layers:
-            paths[lp.module.path] = lp.index
-            if base_path and lp.module.path.startswith(base_path + "."):
-                paths[lp.module.path[len(base_path) + 1:]] = lp.index
+        paths = _layer_indices(model)
         out: dict[str, torch.Tensor] = {}
         for (layer_path, unit), modules in units.items():
             index = paths.get(layer_path)
