@@ -33,7 +33,13 @@ __all__ = [
     "row_index",
     "check_linear_placement",
     "linear_targets",
+    "LINEAR_HOOK_POINTS",
 ]
+
+#: The interface hook points :func:`linear_targets` places adapters through (a method's ``hook_points``).
+LINEAR_HOOK_POINTS = frozenset({"attn_q_proj", "attn_k_proj", "attn_v_proj", "attn_qkv_proj", "attn_o_proj",
+                                "layer_intermediate_proj", "layer_output_proj", "layer_self_attn",
+                                "layer_cross_attn"})
 
 #: Output features of a projection an adapter acts on: all (``None``), a slice, or an index tensor.
 Rows = slice | torch.Tensor | None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from adapters.errors import AdapterError
-from adapters.linear import LinearTarget, check_linear_placement, linear_targets
+from adapters.linear import LINEAR_HOOK_POINTS, LinearTarget, check_linear_placement, linear_targets
 from adapters.method import AdapterMethod, AttachSite
 from adapters.points import ModelPoints
 
@@ -22,8 +22,7 @@ class VeraMethod(AdapterMethod):
     config_classes = (VeraConfig,)
     presets = {"vera": VeraConfig}
     supported_blocks = frozenset({"Stack", "BatchSplit", "Average", "MultiTask", "Parallel"})
-    hook_points = frozenset({"attn_q_proj", "attn_k_proj", "attn_v_proj", "attn_qkv_proj", "attn_o_proj",
-                             "layer_intermediate_proj", "layer_output_proj", "layer_self_attn", "layer_cross_attn"})
+    hook_points = LINEAR_HOOK_POINTS
     can_merge = True
 
     def validate(self, config: VeraConfig, points: ModelPoints) -> None:
