@@ -122,3 +122,46 @@ def test_torch_func_per_sample_gradients(helpers) -> None:
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, reference[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _kernel_ops(model, embeds: torch.Tensor, train: bool) -> int:
+    """Arithmetic ATen ops (one or more GPU kernels each) of one forward (+ backward when ``train``)."""
+    from adapters.testing import count_kernel_ops
+
+    def step() -> None:
+        if train:
+            x = embeds.detach().requires_grad_(True)  # a fresh leaf: no gradient accumulation into it
+            model(inputs_embeds=x, use_cache=False).last_hidden_state.float().pow(2).mean().backward()
+        else:
+            with torch.no_grad():
+                model(inputs_embeds=embeds, use_cache=False)
+
+    return sum(count_kernel_ops(step).values())
+
+
+@pytest.mark.parametrize("alpha, extra_backward", [(4, 0), (8, 2)])
+def test_single_lora_adds_the_minimum_of_operations_per_projection(alpha, extra_backward) -> None:
+    """The straight-line path stays at its floor: per adapted projection, 2 ops forward (``x Aᵀ`` and
+    the fused ``addmm``) and 5 backward (``g B``, ``gᵀ h``, ``g_h A``, ``g_hᵀ x`` and the sum of the
+    two input gradients); a scaling other than 1 rides in the ``addmm`` forward and costs autograd
+    two rank-sized multiplications backward. A regression here (an extra copy, cast or view node)
+    costs a kernel launch per projection in every training step on a GPU."""
+    import adapters
+    from adapters.testing import tiny_model
+
+    base = tiny_model("qwen3")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    embeds = torch.randn(2, 8, base.config.hidden_size)
+    base_train, base_infer = _kernel_ops(base, embeds, True), _kernel_ops(base, embeds, False)
+    model = adapters.init(tiny_model("qwen3"))
+    model.add_adapter("a", config=LoRAConfig(r=4, alpha=alpha))  # q and v
+    model.train_adapter("a")
+    projections = 2 * model.config.num_hidden_layers
+    assert _kernel_ops(model, embeds, True) - base_train == (7 + extra_backward) * projections
+    assert _kernel_ops(model, embeds, False) - base_infer == 2 * projections
+    model.merge_adapter("a")
+    assert _kernel_ops(model, embeds, False) == base_infer  # merged: exactly the base's operations
+    model.reset_adapter()
+    model.set_active_adapters(None)
+    assert _kernel_ops(model, embeds, False) == base_infer  # inactive: exactly the base's operations

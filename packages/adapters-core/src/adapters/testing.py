@@ -17,6 +17,8 @@ Reuse from other test files::
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +38,7 @@ __all__ = [
     "TASKS",
     "VISION",
     "VOCAB",
+    "count_kernel_ops",
     "supports",
     "tiny_config",
     "tiny_inputs",
@@ -224,3 +227,34 @@ def tiny_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8, *, seed: i
         decoder_input_ids[:, 0] = config.decoder_start_token_id
         inputs["decoder_input_ids"] = decoder_input_ids
     return inputs
+
+
+#: ATen ops that only make a new view of existing data or touch metadata: no kernel runs for them.
+_METADATA_OPS = frozenset({
+    "alias", "as_strided", "detach", "expand", "permute", "reshape", "select", "slice", "split",
+    "split_with_sizes", "squeeze", "t", "transpose", "unbind", "unflatten", "unsqueeze", "view",
+    "_reshape_alias", "_unsafe_view", "lift_fresh", "empty", "empty_like", "empty_strided",
+})
+
+
+def count_kernel_ops(fn: Callable[[], Any]) -> Counter:
+    """Run ``fn`` and count the ATen operations that do arithmetic or move data, forward and backward.
+
+    Views, transposes, ``detach`` and allocations are left out: on a GPU each counted op is (at
+    least) one kernel launch. Deterministic, so a test can pin how many operations a method adds
+    per adapted site without timing anything. Keys are op names such as ``"aten.mm"``.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: Counter = Counter()
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            name = func.overloadpacket.__name__
+            if name not in _METADATA_OPS:
+                counts[f"aten.{name}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return counts

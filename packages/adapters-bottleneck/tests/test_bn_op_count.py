@@ -1,0 +1,47 @@
+"""How many arithmetic operations a bottleneck adapter adds per location (no timing: counted ops).
+
+On a GPU every counted ATen op is at least one kernel launch, and at small batches training steps
+are bound by launches, so the count is what a regression would cost. ``seq_bn`` on a pre-norm model
+(Pfeiffer: adapter input ``h + x``, output ``h + up(relu(down(h + x)))``) needs 5 forward: the input
+sum, the two biased projections, the activation and the residual add. Backward adds 9: 4 GEMMs for
+the two weight gradients and the two input gradients, 2 bias-gradient sums, the activation's
+backward, and 2 sums of gradients of tensors used twice. ``par_bn`` (input ``x``, output
+``h + s·up(relu(down(x)))``) needs as many: the scaling multiplication takes the input sum's place.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adapters
+from adapters.testing import count_kernel_ops, tiny_model
+
+
+def _kernel_ops(model: torch.nn.Module, embeds: torch.Tensor, train: bool) -> int:
+    def step() -> None:
+        if train:
+            x = embeds.detach().requires_grad_(True)  # a fresh leaf each time
+            model(inputs_embeds=x, use_cache=False).last_hidden_state.float().pow(2).mean().backward()
+        else:
+            with torch.no_grad():
+                model(inputs_embeds=embeds, use_cache=False)
+
+    return sum(count_kernel_ops(step).values())
+
+
+@pytest.mark.parametrize("config, forward_ops, training_ops", [("seq_bn", 5, 14), ("par_bn", 5, 14)])
+def test_bottleneck_operations_per_location(config, forward_ops, training_ops) -> None:
+    base = tiny_model("qwen3")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    embeds = torch.randn(2, 8, base.config.hidden_size)
+    base_train, base_infer = _kernel_ops(base, embeds, True), _kernel_ops(base, embeds, False)
+    model = adapters.init(tiny_model("qwen3"))
+    model.add_adapter("a", config=config)  # one location per layer (after the FFN)
+    model.train_adapter("a")
+    locations = model.config.num_hidden_layers
+    assert _kernel_ops(model, embeds, False) - base_infer == forward_ops * locations
+    assert _kernel_ops(model, embeds, True) - base_train == training_ops * locations
+    model.set_active_adapters(None)
+    assert _kernel_ops(model, embeds, False) == base_infer  # inactive: exactly the base's operations
