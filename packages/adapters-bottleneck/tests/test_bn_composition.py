@@ -141,6 +141,8 @@ def test_fusion_train_save_load_delete(make, helpers, tmp_path):
     model.train_adapter_fusion(fuse)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".fusions." in n for n in trainable)
+    row = {r["name"]: r for r in model.adapter_summary(as_dict=True)}["Fuse[a,b]"]
+    assert (row["active"], row["train"], row["method"]) == (True, True, "bottleneck-fusion")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(3):
@@ -156,6 +158,7 @@ def test_fusion_train_save_load_delete(make, helpers, tmp_path):
     fused = helpers.output(model, inputs)
     model.set_active_adapters("a")
     assert not torch.allclose(helpers.output(model, inputs), fused)
+    assert {r["name"]: r for r in model.adapter_summary(as_dict=True)}["Fuse[a,b]"]["active"] is False
     model.save_adapter_fusion(str(tmp_path / "fusion"), fuse)
 
     fresh, _ = make("bert")

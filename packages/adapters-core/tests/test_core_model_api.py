@@ -311,6 +311,19 @@ def test_adapter_summary_rows_and_numbers(toy):
     assert toy.NAME[:15] in text
 
 
+def test_adapter_summary_shows_a_trainable_task_head_apart_from_the_frozen_base(toy):
+    model, _ = _model("bert", "seq_cls")
+    model.add_adapter("a", config=toy.NAME)
+    model.train_adapter("a")
+    rows = {r["name"]: r for r in model.adapter_summary(as_dict=True)}
+    assert list(rows)[-2:] == ["Task head", "Full model"]
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert rows["Task head"]["#params"] == head and rows["Task head"]["train"] is True
+    assert rows["Full model"]["train"] is False  # the base model's own weights are frozen
+    model.classifier.requires_grad_(False)
+    assert model.adapter_summary(as_dict=True)[-2]["train"] is False
+
+
 # ------------------------------------------------------------------------------------------ training
 def test_train_adapter_freezes_base_keeps_head_and_unfreezes_only_the_named_adapter(toy):
     model, inputs = _model("qwen3", "seq_cls")

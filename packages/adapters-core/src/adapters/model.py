@@ -550,58 +550,53 @@ class AdapterModelMixin:
 
     # -- summary ---------------------------------------------------------------------------------
     def adapter_summary(self, as_dict: bool = False) -> str | list[dict[str, Any]]:
-        """A table of adapters: name, method, #params, % of the base model, active, trainable."""
+        """A table of adapters: name, method, #params, % of the base model, active, trainable.
+
+        After the adapters (and fusion layers) come ``Task head`` (parameters outside the base
+        model, such as ``classifier`` or an untied ``lm_head``; only when there are any) and
+        ``Full model`` (the base model; ``train`` tells whether any of its own weights train).
+        """
         state = self._adapters_state
         adapter_ids = {id(p) for n in state.adapters for p in state.adapter_parameters(n)}
         adapter_ids |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
         base_params = [p for p in _unique_parameters(self) if id(p) not in adapter_ids]
         base_count = sum(p.numel() for p in base_params)
+        inner_ids = {id(p) for p in state.points.base_model.parameters()}
+        head_params = [p for p in base_params if id(p) not in inner_ids]
+        inner_params = [p for p in base_params if id(p) in inner_ids]
         active = set(_names(state.active)) if state.active is not None else set()
-        rows = []
-        for name, record in state.adapters.items():
-            params = state.adapter_parameters(name)
+        active_fusions = _fusion_names(state.active)
+
+        def row(name: str, method: str, params: list, active: bool, merged: bool = False,
+                share: float | None = None) -> dict[str, Any]:
             count = sum(p.numel() for p in params)
-            rows.append({
-                "name": name,
-                "method": "+".join(record.method_names),
-                "#params": count,
-                "%params": 100.0 * count / base_count if base_count else 0.0,
-                "active": name in active,
-                "train": any(p.requires_grad for p in params),
-                "merged": state.merged == name,
-            })
-        for fusion_name, fusion in state.fusions.items():
-            params = state.fusion_parameters(fusion_name)
-            count = sum(p.numel() for p in params)
-            rows.append({
-                "name": f"Fuse[{fusion_name}]",
-                "method": f"{fusion.method.name}-fusion",
-                "#params": count,
-                "%params": 100.0 * count / base_count if base_count else 0.0,
-                "active": state.active is not None and fusion_name in repr(state.active),
-                "train": any(p.requires_grad for p in params),
-                "merged": False,
-            })
-        rows.append({
-            "name": "Full model",
-            "method": "",
-            "#params": base_count,
-            "%params": 100.0,
-            "active": True,
-            "train": any(p.requires_grad for p in base_params),
-            "merged": False,
-        })
+            if share is None:
+                share = 100.0 * count / base_count if base_count else 0.0
+            return {"name": name, "method": method, "#params": count, "%params": share, "active": active,
+                    "train": any(p.requires_grad for p in params), "merged": merged}
+
+        rows = [row(name, "+".join(record.method_names), state.adapter_parameters(name), name in active,
+                    state.merged == name) for name, record in state.adapters.items()]
+        rows += [row(f"Fuse[{fusion_name}]", f"{fusion.method.name}-fusion", state.fusion_parameters(fusion_name),
+                     fusion_name in active_fusions) for fusion_name, fusion in state.fusions.items()]
+        if head_params:
+            rows.append(row("Task head", "", head_params, True))
+        full = row("Full model", "", inner_params, True, share=100.0)
+        full["#params"] = base_count
+        rows.append(full)
         if as_dict:
             return rows
-        header = f"{'Name':<24}{'Architecture':<16}{'#Param':>12}{'%Param':>10}  {'Active':<7}{'Train':<6}"
+        header = f"{'Name':<24}{'Architecture':<20}{'#Param':>12}{'%Param':>10}  {'Active':<7}{'Train':<6}"
         lines = ["=" * len(header), header, "-" * len(header)]
-        for row in rows:
-            if row["name"] == "Full model":
+        footer = False
+        for entry in rows:
+            if entry["name"] in ("Task head", "Full model") and not footer:
                 lines.append("-" * len(header))
-            flag = " (merged)" if row["merged"] else ""
+                footer = True
+            flag = " (merged)" if entry["merged"] else ""
             lines.append(
-                f"{row['name'][:23]:<24}{row['method'][:15]:<16}{row['#params']:>12,}{row['%params']:>10.3f}  "
-                f"{row['active']!s:<7}{row['train']!s:<6}{flag}"
+                f"{entry['name'][:23]:<24}{entry['method'][:19]:<20}{entry['#params']:>12,}{entry['%params']:>10.3f}  "
+                f"{entry['active']!s:<7}{entry['train']!s:<6}{flag}"
             )
         lines.append("=" * len(header))
         return "\n".join(lines)
@@ -664,6 +659,16 @@ def _fuse_blocks(block: Any) -> set[str]:
     found = {block.fusion_name} if isinstance(block, ac.Fuse) else set()
     for child in block.children:
         found |= _fuse_blocks(child)
+    return found
+
+
+def _fusion_names(setup: Any) -> set[str]:
+    """Names of the fusion layers the ``Fuse`` blocks of ``setup`` use."""
+    if not isinstance(setup, ac.AdapterCompositionBlock):
+        return set()
+    found = {setup.fusion_name} if isinstance(setup, ac.Fuse) else set()
+    for child in setup.children:
+        found |= _fusion_names(child)
     return found
 
 
