@@ -127,7 +127,7 @@ def test_custom_interface_restricts_methods(toy):
 @pytest.mark.parametrize(
     ("field", "path", "expected_close"),
     [
-        ("layer_output_proj", "mlp.dwn_proj", "down_proj"),
+        ("layer_output_proj", "mlp.dwn_proj", "'mlp.down_proj'"),  # full path, not only the last name
         ("attn_q_proj", "query_proj", "q_proj"),
         ("model_layers", "layer", "layers"),
     ],

@@ -293,3 +293,14 @@ def test_in_process_plugin_through_the_global_api(toy):
     model.delete_adapter("s")
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, base)
+
+
+def test_config_string_with_an_unknown_field_names_it_suggests_one_and_lists_the_fields(toy):
+    model = adapters.init(tiny_model("gpt2", "causal_lm"))
+    keys = list(model.state_dict())
+    with pytest.raises(adapters.AdapterError) as info:
+        model.add_adapter("s", config=f"{toy.NAME}[init_scal=0.5, colour=1]")
+    message = str(info.value)
+    assert "ToyScaleConfig has no field 'init_scal' (did you mean 'init_scale'?), 'colour'" in message
+    assert "Its fields: fail_at_layer, init_scale, leave_out" in message
+    assert "s" not in model.adapters_config and list(model.state_dict()) == keys

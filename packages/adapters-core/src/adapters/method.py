@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -180,7 +181,25 @@ def parse_config_string(text: str) -> AdapterConfig:
     try:
         return factory(**kwargs)
     except TypeError as exc:
-        raise AdapterError(f"Config string {text!r}: {exc}") from None
+        raise AdapterError(_unknown_fields_message(text, factory, kwargs, exc)) from None
+
+
+def _unknown_fields_message(text: str, factory: Any, kwargs: dict[str, Any], exc: TypeError) -> str:
+    """Name the keys of a config string its config class does not have, with the fields it does have."""
+    try:
+        config = factory()
+        fields = sorted(f.name for f in dataclasses.fields(config))
+    except Exception:  # noqa: BLE001 - fall back to the original message
+        return f"Config string {text!r}: {exc}"
+    unknown = [key for key in kwargs if key not in fields]
+    if not unknown:
+        return f"Config string {text!r}: {exc}"
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, fields, n=1)
+        named.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return (f"Config string {text!r}: {type(config).__name__} has no field {', '.join(named)}. "
+            f"Its fields: {', '.join(fields)}.")
 
 
 # ---------------------------------------------------------------------------------------------- method

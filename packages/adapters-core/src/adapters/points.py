@@ -80,7 +80,7 @@ def _normalise_path(root: nn.Module, path: str) -> str:
 
 
 def _closest(root: nn.Module, path: str) -> tuple[str, list[str]]:
-    """The deepest existing prefix of ``path`` and the close child names at the point it breaks."""
+    """The deepest existing prefix of ``path`` and, as full paths, the close child names where it breaks."""
     steps = path.split(".")
     module = root
     done: list[str] = []
@@ -88,8 +88,8 @@ def _closest(root: nn.Module, path: str) -> tuple[str, list[str]]:
         nxt = _child(module, step)
         if nxt is None:
             names = [n for n, _ in module.named_children()]
-            close = difflib.get_close_matches(step, names, n=3, cutoff=0.3)
-            return ".".join(done), close or names[:8]
+            close = difflib.get_close_matches(step, names, n=3, cutoff=0.3) or names[:8]
+            return ".".join(done), [".".join([*done, name]) for name in close]
         done.append(step)
         module = nxt
     return ".".join(done), []
