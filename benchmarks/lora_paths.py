@@ -4,7 +4,9 @@
 ``addmm``); ``autograd``: the same math through 3-D ``F.linear`` calls (more view nodes). An earlier
 variant, a custom ``autograd.Function`` with a hand-written backward, measured the same as ``flat``
 on an H200 (``results_gpu/lora_paths.txt``, ``fn``) and was dropped: it needed its own double-backward
-and ``torch.func`` support for no gain. Usage::
+and ``torch.func`` support for no gain. ``scale_tensor`` / ``scale_float`` apply a scaling other than 1
+as a multiplication of the rank-sized ``h`` instead of the ``addmm``'s alpha; within the noise of the
+shipped path on an H200 (``results_gpu/lora_scale_paths.txt``), so not adopted. Usage::
 
     python benchmarks/lora_paths.py --device cuda --shapes 8x512 16x2048
 """
@@ -34,7 +36,36 @@ class _Autograd(LoRALinear):
         return torch.addmm(y2, h2, p.lora_B.t(), alpha=p.scaling).view(y.shape)
 
 
-VARIANTS = {"flat": LoRALinear, "autograd": _Autograd}
+class _ScaleTensor(LoRALinear):
+    """The scaling as a multiplication of ``h`` by a cached 0-dim device tensor (no ``addmm`` alpha)."""
+
+    def forward(self, x):
+        p = self._plain
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = x2.mm(self.weight.t())
+        h2 = x2.mm(p.lora_A.t())
+        if p.scaling != 1.0:
+            s = p.__dict__.get("_s")
+            if s is None or s.device != x.device or s.dtype != x.dtype:
+                s = p.__dict__["_s"] = torch.tensor(p.scaling, dtype=x.dtype, device=x.device)
+            h2 = h2 * s
+        return torch.addmm(y2, h2, p.lora_B.t()).view(*x.shape[:-1], y2.shape[-1])
+
+
+class _ScaleFloat(LoRALinear):
+    """The scaling as a multiplication of ``h`` by the Python float."""
+
+    def forward(self, x):
+        p = self._plain
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = x2.mm(self.weight.t())
+        h2 = x2.mm(p.lora_A.t())
+        if p.scaling != 1.0:
+            h2 = h2 * p.scaling
+        return torch.addmm(y2, h2, p.lora_B.t()).view(*x.shape[:-1], y2.shape[-1])
+
+
+VARIANTS = {"flat": LoRALinear, "autograd": _Autograd, "scale_tensor": _ScaleTensor, "scale_float": _ScaleFloat}
 
 
 def main() -> None:

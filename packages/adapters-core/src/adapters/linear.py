@@ -188,13 +188,19 @@ class AdapterLinear(AdapterLayer):
         self._backup: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Exactly the wrapped module's computation."""
+        """Exactly the wrapped module's computation.
+
+        ``weight`` and ``bias`` are read from ``_parameters`` (the same objects ``self.weight`` gives,
+        also while FSDP or ``torch.func`` swap them): ``nn.Module.__getattr__`` costs microseconds a
+        call, which shows on every projection of a small-batch forward.
+        """
+        params = self._parameters
+        weight, bias = params["weight"], params.get("bias")
         if self.is_conv1d:
-            shape = (*x.shape[:-1], self.out_features)
             flat = x.reshape(-1, x.shape[-1])
-            out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
-            return out.view(shape)
-        return F.linear(x, self.weight, self.bias)
+            out = torch.addmm(bias, flat, weight) if bias is not None else flat.mm(weight)
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, weight, bias)
 
     def weight_rows(self, rows: Rows) -> torch.Tensor:
         """The base weight as (out × in), restricted to output ``rows``."""

@@ -316,20 +316,14 @@ class LoRALinear(AdapterLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plain = self._plain
         # the in-place update is not autocast-aware: under autocast the general path runs
-        if (plain is not None and plain.lora_A.dtype == x.dtype == self.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type)):
-            # y = Wx + b + s·B(Ax) on 2-D views: the base GEMM (bias in its epilogue), the rank-r GEMM
-            # and one fused addmm. Flat views keep autograd's graph small (no per-linear view nodes);
-            # a frozen W's transpose records nothing.
-            x2 = x.reshape(-1, x.shape[-1])
-            bias = self.bias
-            y2 = torch.addmm(bias, x2, self.weight.t()) if bias is not None else x2.mm(self.weight.t())
-            h2 = x2.mm(plain.lora_A.t())
-            if torch.is_grad_enabled():
-                y2 = torch.addmm(y2, h2, plain.lora_B.t(), alpha=plain.scaling)
-            else:
-                y2.addmm_(h2, plain.lora_B.t(), alpha=plain.scaling)
-            return y2.view(*x.shape[:-1], y2.shape[-1])
+        if plain is not None and not torch.is_autocast_enabled(x.device.type):
+            # Parameters are read from the modules' ``_parameters`` dicts: the same objects as
+            # ``self.weight`` (also after FSDP or torch.func swap them), without nn.Module.__getattr__,
+            # which costs more per call here than a kernel launch.
+            params = plain._parameters
+            lora_a = params["lora_A"]
+            if x.dtype == lora_a.dtype:
+                return self._straight_line(x, lora_a, params["lora_B"], plain.scaling)
         y = self.base_forward(x)
         plan = self.plan
         if plan is None:
@@ -339,6 +333,23 @@ class LoRALinear(AdapterLinear):
             # module-call machinery (adapter modules carry no hooks)
             return self.adapters[plan.name].forward(x, y, self, True)
         return execute(plan, (y, x), self._ops)
+
+    def _straight_line(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                       scaling: float) -> torch.Tensor:
+        """``y = Wx + b + s·B(Ax)`` on 2-D views: the base GEMM (bias in its epilogue), the rank-r GEMM
+        and one fused ``addmm`` (in place without autograd). Flat views keep autograd's graph small
+        (no per-linear view nodes); a frozen W's transpose records nothing."""
+        weight = self._parameters["weight"]
+        bias = self._parameters.get("bias")  # None also when the wrapped module had no bias
+        x2 = x.reshape(-1, self.in_features)
+        y2 = x2.mm(weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+        h2 = x2.mm(lora_a.t())
+        if torch.is_grad_enabled():
+            y2 = torch.addmm(y2, h2, lora_b.t(), alpha=scaling)
+        else:
+            y2.addmm_(h2, lora_b.t(), alpha=scaling)
+        return y2.view(*x.shape[:-1], self.out_features)
+
 
     # -- adapters --------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoRAConfig, site: AttachSite) -> None:
