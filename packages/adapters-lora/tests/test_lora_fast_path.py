@@ -165,3 +165,33 @@ def test_single_lora_adds_the_minimum_of_operations_per_projection(alpha, extra_
     model.reset_adapter()
     model.set_active_adapters(None)
     assert _kernel_ops(model, embeds, False) == base_infer  # inactive: exactly the base's operations
+
+
+@pytest.mark.parametrize("swapped", ["weight", "bias", "lora_A", "lora_B"])
+def test_straight_line_follows_a_tensor_put_in_place_of_a_parameter(swapped) -> None:
+    """FSDP1 (flat parameters) deregisters a module's parameters during forward and sets plain tensor
+    views as attributes; the layer must compute with those, not fail or silently drop a bias."""
+    from torch import nn
+
+    from adapters.plan import Leaf
+    from adapters_lora.layer import LoRADelta, LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), "p")
+    config = LoRAConfig(r=2, alpha=4)
+    layer.adapters["a"] = LoRADelta(config, 6, 5, None, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        layer.adapters["a"].lora_B.normal_()
+    layer.set_plan(Leaf("a"))
+    assert layer._plain is not None  # the straight-line path is the one under test
+    owner = layer if swapped in ("weight", "bias") else layer.adapters["a"]
+    replacement = getattr(owner, swapped).detach() * 3 + 0.5  # a plain tensor, not a Parameter
+    delattr(owner, swapped)
+    setattr(owner, swapped, replacement)
+    assert swapped not in owner._parameters
+    delta = layer.adapters["a"]
+    x = torch.randn(3, 6)
+    expected = x @ layer.weight.t() + layer.bias + config.scaling * (x @ delta.lora_A.t()) @ delta.lora_B.t()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(layer(x), expected)

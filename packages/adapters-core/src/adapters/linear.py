@@ -34,6 +34,7 @@ __all__ = [
     "check_linear_placement",
     "linear_targets",
     "LINEAR_HOOK_POINTS",
+    "param",
 ]
 
 #: The interface hook points :func:`linear_targets` places adapters through (a method's ``hook_points``).
@@ -53,6 +54,18 @@ class LinearPlacement(Protocol):
     intermediate_lora: bool
     output_lora: bool
     leave_out: list[int]
+
+
+def param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``getattr(module, name)`` for a parameter, without ``nn.Module.__getattr__`` on the common path.
+
+    A registered parameter is read straight from ``module._parameters`` (FSDP2 and ``torch.func``
+    swap tensors there); anything else (``None``, a plain tensor that FSDP1 put in place of a
+    parameter, a parametrization's property) goes through ordinary attribute lookup. On a
+    small-batch forward ``__getattr__`` costs more per call than a kernel launch.
+    """
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -190,12 +203,10 @@ class AdapterLinear(AdapterLayer):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Exactly the wrapped module's computation.
 
-        ``weight`` and ``bias`` are read from ``_parameters`` (the same objects ``self.weight`` gives,
-        also while FSDP or ``torch.func`` swap them): ``nn.Module.__getattr__`` costs microseconds a
-        call, which shows on every projection of a small-batch forward.
+        ``weight`` and ``bias`` are read with :func:`param` (no ``nn.Module.__getattr__``, which
+        costs microseconds a call on every projection of a small-batch forward).
         """
-        params = self._parameters
-        weight, bias = params["weight"], params.get("bias")
+        weight, bias = param(self, "weight"), param(self, "bias")
         if self.is_conv1d:
             flat = x.reshape(-1, x.shape[-1])
             out = torch.addmm(bias, flat, weight) if bias is not None else flat.mm(weight)

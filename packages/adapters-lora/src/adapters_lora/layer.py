@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.errors import AdapterError
-from adapters.linear import AdapterLinear, Rows, count_rows, row_index
+from adapters.linear import AdapterLinear, Rows, count_rows, param, row_index
 from adapters.method import AttachSite
 from adapters.plan import Leaf, PlanOps, execute
 
@@ -317,13 +317,9 @@ class LoRALinear(AdapterLinear):
         plain = self._plain
         # the in-place update is not autocast-aware: under autocast the general path runs
         if plain is not None and not torch.is_autocast_enabled(x.device.type):
-            # Parameters are read from the modules' ``_parameters`` dicts: the same objects as
-            # ``self.weight`` (also after FSDP or torch.func swap them), without nn.Module.__getattr__,
-            # which costs more per call here than a kernel launch.
-            params = plain._parameters
-            lora_a = params["lora_A"]
+            lora_a = param(plain, "lora_A")
             if x.dtype == lora_a.dtype:
-                return self._straight_line(x, lora_a, params["lora_B"], plain.scaling)
+                return self._straight_line(x, lora_a, param(plain, "lora_B"), plain.scaling)
         y = self.base_forward(x)
         plan = self.plan
         if plan is None:
@@ -339,8 +335,7 @@ class LoRALinear(AdapterLinear):
         """``y = Wx + b + s·B(Ax)`` on 2-D views: the base GEMM (bias in its epilogue), the rank-r GEMM
         and one fused ``addmm`` (in place without autograd). Flat views keep autograd's graph small
         (no per-linear view nodes); a frozen W's transpose records nothing."""
-        weight = self._parameters["weight"]
-        bias = self._parameters.get("bias")  # None also when the wrapped module had no bias
+        weight, bias = param(self, "weight"), param(self, "bias")
         x2 = x.reshape(-1, self.in_features)
         y2 = x2.mm(weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
         h2 = x2.mm(lora_a.t())
