@@ -22,6 +22,7 @@ _CORE_NAMES = {
     "ForwardContext": "context",
     "AdapterModelInterface": "interface",
     "InterfaceError": "points",
+    "infer_interface": "infer",
     "AdapterConfig": "method",
     "ConfigUnion": "method",
     "AdapterMethod": "method",

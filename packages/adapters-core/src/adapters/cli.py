@@ -204,7 +204,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     model = _build_model(args.model, args.task)
     model_type = getattr(model.config, "model_type", None)
-    if args.interface:
+    if args.interface and getattr(args, "infer", False):
+        raise CLIError("pass either --interface FILE or --infer, not both.")
+    if getattr(args, "infer", False):
+        from .infer import infer_interface
+
+        try:
+            interface = infer_interface(model)
+        except InterfaceError as exc:
+            raise CLIError(str(exc)) from None
+        source = "inferred from the model's structure (adapters.infer_interface; use it with interface=\"auto\")"
+        unset = [name for name in ("layer_pre_self_attn", "layer_pre_ffn", "layer_intermediate_proj",
+                                   "layer_output_proj", "model_embeddings") if getattr(interface, name) is None]
+        if unset:
+            source += f"; could not determine: {', '.join(unset)}"
+    elif args.interface:
         try:
             interface = AdapterModelInterface.load(args.interface)
         except (OSError, ValueError, TypeError) as exc:
@@ -214,7 +228,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         interface = registry.interface(model_type) if model_type else None
         if interface is None:
             raise CLIError(f"no model interface is registered for model type {model_type!r}. Write one "
-                           f"(AdapterModelInterface) and pass it as JSON with --interface FILE. Model types with an "
+                           f"(AdapterModelInterface) and pass it as JSON with --interface FILE, or try --infer "
+                           f"(infer one from the model's structure). Model types with an "
                            f"interface: {', '.join(registry.interface_types())}.")
         source = f"registered for '{model_type}' by {registry.interfaces[model_type][1]}"
 
@@ -485,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "AdapterModelInterface: print the interface used and every hook point it "
                                    "resolves to, or the paths that do not exist on the model (exit status 2).",
                        epilog="examples:\n  adapters inspect ./my-model-dir\n  adapters inspect qwen3 --task "
-                              "causal_lm\n  adapters inspect ./my-model --interface my_interface.json",
+                              "causal_lm\n  adapters inspect ./my-model --interface my_interface.json\n"
+                              "  adapters inspect ./my-model --infer",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL",
                    help="a local model directory (with config.json) or a model type such as llama, bert, gpt2 "
@@ -494,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which Auto class builds the model (default: base = AutoModel)")
     p.add_argument("--interface", metavar="FILE",
                    help="use this adapter_interface.json instead of the interface registered for the model type")
+    p.add_argument("--infer", action="store_true",
+                   help="infer the interface from the model's structure (what adapters.init(model, interface="
+                        "\"auto\") uses for a model type without a registered interface) and show its hook points")
     p.add_argument("--all-layers", action="store_true", help="list the hook points of every layer, not only the first")
     p.set_defaults(func=cmd_inspect)
 

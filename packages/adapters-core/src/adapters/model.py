@@ -41,27 +41,32 @@ def _adapter_class(cls: type) -> type:
     return _class_cache[cls]
 
 
-def init(model: nn.Module, interface: AdapterModelInterface | None = None) -> nn.Module:
+def init(model: nn.Module, interface: AdapterModelInterface | str | None = None) -> nn.Module:
     """Prepare ``model`` for adapters and return it (the same object).
 
     :param model: any ``transformers`` model (base model or one with a task head), or any
         ``nn.Module`` when ``interface`` is given.
     :param interface: how to find the hook points; ``None`` uses the interface registered for
-        ``model.config.model_type``.
-    :raises InterfaceError: no interface is known for the model type, or a path does not exist.
+        ``model.config.model_type``. ``"auto"`` does the same when one is registered and otherwise
+        infers one from the model's structure (:func:`adapters.infer.infer_interface`).
+    :raises InterfaceError: no interface is known for the model type (and none was asked to be
+        inferred), inference failed, or a path does not exist.
 
     Idempotent: a second call returns the model unchanged (with a different ``interface`` it is
     an error, since adapters may already sit on the old hook points).
     """
+    auto = isinstance(interface, str) and interface == "auto"
+    if isinstance(interface, str) and not auto:
+        raise TypeError(f"interface must be an AdapterModelInterface, None or 'auto', got {interface!r}.")
     state = getattr(model, "_adapters_state", None)
     if state is not None:
-        if interface is not None and interface != state.interface:
+        if interface is not None and not auto and interface != state.interface:
             raise InterfaceError(
                 "This model was already initialised with a different interface; adapters may sit on its hook "
                 "points. Build a fresh model to use another interface."
             )
         return model
-    if interface is None:
+    if interface is None or auto:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         interface = registry.interface(model_type) if model_type else None
         if interface is not None:
@@ -70,11 +75,17 @@ def init(model: nn.Module, interface: AdapterModelInterface | None = None) -> nn
             if interface is BUILTIN_INTERFACES.get(model_type):
                 interface = interface_for_config(model.config) or interface
                 interface = fit_layer_stacks(interface, model)
-        if interface is None:
+        if interface is None and auto:
+            from .infer import infer_interface
+
+            interface = infer_interface(model)
+        elif interface is None:
             known = ", ".join(registry.interface_types())
             raise InterfaceError(
                 f"No model interface is registered for model type {model_type!r}. Pass one: "
-                f"adapters.init(model, interface=AdapterModelInterface(...)). Model types with an interface: {known}."
+                f"adapters.init(model, interface=AdapterModelInterface(...)), or let adapters infer one from the "
+                f"model's structure: adapters.init(model, interface=\"auto\") (check it with "
+                f"adapters.infer_interface(model)). Model types with an interface: {known}."
             )
     if not isinstance(interface, AdapterModelInterface):
         raise TypeError(f"interface must be an AdapterModelInterface, got {type(interface).__name__}.")
