@@ -36,8 +36,11 @@ class _Autograd(LoRALinear):
         return torch.addmm(y2, h2, p.lora_B.t(), alpha=p.scaling).view(y.shape)
 
 
-class _ScaleTensor(LoRALinear):
-    """The scaling as a multiplication of ``h`` by a cached 0-dim device tensor (no ``addmm`` alpha)."""
+class _ScaleOnH(LoRALinear):
+    """A scaling other than 1 as a multiplication of the rank-sized ``h`` (no ``addmm`` alpha): by a
+    cached 0-dim device tensor (``as_tensor``) or by the Python float."""
+
+    as_tensor = True
 
     def forward(self, x):
         p = self._plain
@@ -45,27 +48,20 @@ class _ScaleTensor(LoRALinear):
         y2 = x2.mm(self.weight.t())
         h2 = x2.mm(p.lora_A.t())
         if p.scaling != 1.0:
-            s = p.__dict__.get("_s")
-            if s is None or s.device != x.device or s.dtype != x.dtype:
-                s = p.__dict__["_s"] = torch.tensor(p.scaling, dtype=x.dtype, device=x.device)
+            s = p.scaling
+            if self.as_tensor:
+                s = p.__dict__.get("_s")
+                if s is None or s.device != x.device or s.dtype != x.dtype:
+                    s = p.__dict__["_s"] = torch.tensor(p.scaling, dtype=x.dtype, device=x.device)
             h2 = h2 * s
         return torch.addmm(y2, h2, p.lora_B.t()).view(*x.shape[:-1], y2.shape[-1])
 
 
-class _ScaleFloat(LoRALinear):
-    """The scaling as a multiplication of ``h`` by the Python float."""
-
-    def forward(self, x):
-        p = self._plain
-        x2 = x.reshape(-1, x.shape[-1])
-        y2 = x2.mm(self.weight.t())
-        h2 = x2.mm(p.lora_A.t())
-        if p.scaling != 1.0:
-            h2 = h2 * p.scaling
-        return torch.addmm(y2, h2, p.lora_B.t()).view(*x.shape[:-1], y2.shape[-1])
+class _ScaleFloat(_ScaleOnH):
+    as_tensor = False
 
 
-VARIANTS = {"flat": LoRALinear, "autograd": _Autograd, "scale_tensor": _ScaleTensor, "scale_float": _ScaleFloat}
+VARIANTS = {"flat": LoRALinear, "autograd": _Autograd, "scale_tensor": _ScaleOnH, "scale_float": _ScaleFloat}
 
 
 def main() -> None:

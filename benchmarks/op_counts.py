@@ -22,23 +22,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import METHODS, _randomise_adapter, build_base, peft_model
 
-from adapters.testing import count_kernel_ops
+from adapters.testing import count_step_ops as _ops
 
 #: adapted sites per layer of each benchmark method on a Qwen3 layer
 SITES_PER_LAYER = {"lora_qv_r8": 2, "lora_all_r16": 6, "ia3": 3, "dora": 2, "vera": 2, "seq_bn": 1, "par_bn": 1,
                    "loreft": 1}
-
-
-def _ops(model: torch.nn.Module, embeds: torch.Tensor, train: bool) -> int:
-    def step() -> None:
-        if train:
-            x = embeds.detach().requires_grad_(True)
-            model(inputs_embeds=x, use_cache=False).last_hidden_state.float().pow(2).mean().backward()
-        else:
-            with torch.no_grad():
-                model(inputs_embeds=embeds, use_cache=False)
-
-    return sum(count_kernel_ops(step).values())
 
 
 def _per_site(model: torch.nn.Module, embeds: torch.Tensor, base: dict[bool, int], sites: int) -> Callable:

@@ -15,19 +15,8 @@ import pytest
 import torch
 
 import adapters
-from adapters.testing import count_kernel_ops, tiny_model
-
-
-def _kernel_ops(model: torch.nn.Module, embeds: torch.Tensor, train: bool) -> int:
-    def step() -> None:
-        if train:
-            x = embeds.detach().requires_grad_(True)  # a fresh leaf each time
-            model(inputs_embeds=x, use_cache=False).last_hidden_state.float().pow(2).mean().backward()
-        else:
-            with torch.no_grad():
-                model(inputs_embeds=embeds, use_cache=False)
-
-    return sum(count_kernel_ops(step).values())
+from adapters.testing import count_step_ops as _kernel_ops
+from adapters.testing import tiny_model
 
 
 @pytest.mark.parametrize("config, forward_ops, training_ops", [("seq_bn", 5, 14), ("par_bn", 5, 14)])

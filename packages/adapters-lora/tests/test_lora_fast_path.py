@@ -124,21 +124,6 @@ def test_torch_func_per_sample_gradients(helpers) -> None:
             torch.testing.assert_close(p.grad, reference[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def _kernel_ops(model, embeds: torch.Tensor, train: bool) -> int:
-    """Arithmetic ATen ops (one or more GPU kernels each) of one forward (+ backward when ``train``)."""
-    from adapters.testing import count_kernel_ops
-
-    def step() -> None:
-        if train:
-            x = embeds.detach().requires_grad_(True)  # a fresh leaf: no gradient accumulation into it
-            model(inputs_embeds=x, use_cache=False).last_hidden_state.float().pow(2).mean().backward()
-        else:
-            with torch.no_grad():
-                model(inputs_embeds=embeds, use_cache=False)
-
-    return sum(count_kernel_ops(step).values())
-
-
 @pytest.mark.parametrize("alpha, extra_backward", [(4, 0), (8, 2)])
 def test_single_lora_adds_the_minimum_of_operations_per_projection(alpha, extra_backward) -> None:
     """The straight-line path stays at its floor: per adapted projection, 2 ops forward (``x Aᵀ`` and
@@ -147,6 +132,7 @@ def test_single_lora_adds_the_minimum_of_operations_per_projection(alpha, extra_
     two rank-sized multiplications backward. A regression here (an extra copy, cast or view node)
     costs a kernel launch per projection in every training step on a GPU."""
     import adapters
+    from adapters.testing import count_step_ops as _kernel_ops
     from adapters.testing import tiny_model
 
     base = tiny_model("qwen3")

@@ -39,6 +39,7 @@ __all__ = [
     "VISION",
     "VOCAB",
     "count_kernel_ops",
+    "count_step_ops",
     "supports",
     "tiny_config",
     "tiny_inputs",
@@ -258,3 +259,23 @@ def count_kernel_ops(fn: Callable[[], Any]) -> Counter:
     with _Count():
         fn()
     return counts
+
+
+def count_step_ops(model: torch.nn.Module, embeds: torch.Tensor, train: bool) -> int:
+    """:func:`count_kernel_ops` of one ``model(inputs_embeds=embeds)`` call, without gradients, or
+    (``train``) with a backward pass from the last hidden state to a fresh leaf copy of ``embeds``.
+
+    Compare a model with adapters against the same model without them to get what the adapters add;
+    for models that take ``inputs_embeds`` and return ``last_hidden_state`` (the base models of
+    :func:`tiny_model`'s text model types).
+    """
+
+    def step() -> None:
+        if train:
+            x = embeds.detach().requires_grad_(True)  # a fresh leaf: no gradient accumulates into it
+            model(inputs_embeds=x, use_cache=False).last_hidden_state.float().pow(2).mean().backward()
+        else:
+            with torch.no_grad():
+                model(inputs_embeds=embeds, use_cache=False)
+
+    return sum(count_kernel_ops(step).values())
