@@ -328,3 +328,30 @@ def test_fused_qkv_with_an_unconfirmed_layout_is_left_out():
 
     inferred = infer_interface(Fused())
     assert inferred.attn_qkv_proj is None and inferred.attn_o_proj == "proj"
+
+
+def test_norms_after_each_sub_block_leave_both_sub_blocks_reading_the_residual_stream():
+    import transformers
+
+    # OLMo2: x + post_attention_layernorm(attn(x)), then x + post_feedforward_layernorm(mlp(x)): no norm
+    # in front of either sub-block, so each reads the residual stream itself
+    config = transformers.Olmo2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.Olmo2Model(config).eval()
+    inferred = infer_interface(model)
+    assert (inferred.layer_pre_self_attn, inferred.layer_pre_ffn) == ("self_attn", "mlp")
+    assert inferred.layer_ln_1 is None and inferred.layer_ln_2 is None
+    # what the residual hook point captures is the FFN's input: x + post_attention_layernorm(attn(x))
+    seen = {}
+    layer = model.layers[0]
+    handles = [layer.register_forward_pre_hook(lambda m, a, kw: seen.update(x=a[0] if a else kw["hidden_states"]),
+                                               with_kwargs=True),
+               layer.self_attn.register_forward_hook(lambda m, a, out: seen.update(attn=out[0])),
+               layer.mlp.register_forward_pre_hook(lambda m, a: seen.update(ffn_in=a[0]))]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(seen["ffn_in"], seen["x"] + layer.post_attention_layernorm(seen["attn"]))

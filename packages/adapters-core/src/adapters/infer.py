@@ -405,12 +405,15 @@ def _norm_fields(rec: _Recorder, s: int, layer: nn.Module, info: _Layer) -> dict
         if mode == "pre":
             if fed:
                 out["layer_pre_ffn"] = max(fed, key=lambda p: calls[p].order)
-        elif fed:  # post-norm: the FFN reads the output of the previous sub-block's norm
+        else:
+            # post-norm: the FFN reads the output of the previous sub-block's norm; with no norm in
+            # front of it (norms after each sub-block, as in OLMo2) it reads the residual stream itself
             parent = _parent(info.intermediate)
             holder_path = parent if parent and not _under(sa.path, parent) else info.intermediate
             holder = rec.get(s, holder_path)
             if holder is not None and _same(holder.inp, up.inp):
                 out["layer_pre_ffn"] = holder_path
+        if mode == "post" and fed:
             if down is not None and down.out is not None and up.inp is not None \
                     and _flat(down.out).shape == _flat(up.inp).shape:
                 residual = _flat(up.inp) + _flat(down.out)
