@@ -9,7 +9,8 @@ Each check prints PASS or FAIL with its numbers; the exit status is the number o
 * every method runs forward + backward in bf16 on the GPU, adapters in bf16, and adds no device
   synchronisation to the base model's forward pass (counted with the profiler);
 * merged equals unmerged in bf16 for LoRA, DoRA, IA3 and VeRA;
-* a float32 model trains and infers under bf16 autocast with each method, weights left in float32.
+* a float32 model trains and infers under bf16 autocast with each method, weights left in float32;
+* LoRA under FSDP1 (one process) trains exactly like the plain model.
 """
 
 from __future__ import annotations
@@ -184,6 +185,60 @@ for _config in ["lora", "dora", "ia3", "seq_bn", "loreft"]:
         assert all(p.grad is None for p in frozen), "a frozen weight got a gradient"
         assert torch.isfinite(loss), "loss is not finite"
         return f"loss {loss.item():.3f}; weights stay float32, frozen ones get no gradient"
+
+
+@check("fsdp1_flat_parameters_lora_training")
+def _fsdp1() -> str:
+    """FSDP1 (``use_orig_params=True``, the mode frozen base weights need) trains LoRA exactly like the
+    plain model in one process; reports whether the layer saw registered parameters or plain tensor
+    views during forward (both are handled: ``adapters.linear.param``)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29531")
+        dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", rank=0, world_size=1)
+    torch.manual_seed(0)
+    plain = qwen3()
+    adapters.init(plain)
+    plain.add_adapter("a", config="lora[init_weights='bert']")
+    plain.train_adapter("a")
+    plain.lm_head.weight.requires_grad_(False)
+    import copy
+
+    sharded = FullyShardedDataParallel(copy.deepcopy(plain), use_orig_params=True,
+                                       device_id=torch.cuda.current_device() if DEVICE == "cuda" else None)
+    inputs = batch(plain)
+    from adapters_lora.layer import LoRALinear
+
+    probe = next(m for m in sharded.modules() if isinstance(m, LoRALinear))
+    seen: dict[str, bool] = {}
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        seen.setdefault("registered", "weight" in module._parameters)
+
+    handle = probe.register_forward_pre_hook(record)
+    losses = []
+    for model in (plain, sharded):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        run = []
+        for _ in range(3):
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.append(loss.item())
+        losses.append(run)
+    handle.remove()
+    assert losses[0][0] == losses[1][0], f"first loss: FSDP1 {losses[1][0]} != plain {losses[0][0]}"
+    worst = max(abs(a - b) / abs(a) for a, b in zip(*losses))
+    assert worst < 2e-2, f"FSDP1 {losses[1]} vs plain {losses[0]}"
+    assert losses[1][-1] < losses[1][0], f"no training progress: {losses[1]}"
+    shown = ", ".join(f"{v:.4f}" for v in losses[1])
+    how = "registered parameters" if seen.get("registered") else "plain tensor views in place of the parameters"
+    return (f"losses {shown} under FSDP1 ({how} during forward), max relative difference to the plain model "
+            f"{worst:.1e}")
 
 
 if __name__ == "__main__":

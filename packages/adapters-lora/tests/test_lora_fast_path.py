@@ -155,8 +155,9 @@ def test_single_lora_adds_the_minimum_of_operations_per_projection(alpha, extra_
 
 @pytest.mark.parametrize("swapped", ["weight", "bias", "lora_A", "lora_B"])
 def test_straight_line_follows_a_tensor_put_in_place_of_a_parameter(swapped) -> None:
-    """FSDP1 (flat parameters) deregisters a module's parameters during forward and sets plain tensor
-    views as attributes; the layer must compute with those, not fail or silently drop a bias."""
+    """FSDP1 with flat parameters (``use_orig_params=False``) deregisters a module's parameters during
+    forward and sets plain tensor views as attributes; the layer must compute with those, not fail or
+    silently drop a bias."""
     from torch import nn
 
     from adapters.plan import Leaf

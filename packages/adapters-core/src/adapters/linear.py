@@ -60,9 +60,9 @@ def param(module: nn.Module, name: str) -> torch.Tensor | None:
     """``getattr(module, name)`` for a parameter, without ``nn.Module.__getattr__`` on the common path.
 
     A registered parameter is read straight from ``module._parameters`` (FSDP2 and ``torch.func``
-    swap tensors there); anything else (``None``, a plain tensor that FSDP1 put in place of a
-    parameter, a parametrization's property) goes through ordinary attribute lookup. On a
-    small-batch forward ``__getattr__`` costs more per call than a kernel launch.
+    swap tensors there); anything else (``None``, a plain tensor put in place of a parameter, as
+    FSDP1 does with flat parameters, a parametrization's property) goes through ordinary attribute
+    lookup. On a small-batch forward ``__getattr__`` costs more per call than a kernel launch.
     """
     params = module._parameters
     return params[name] if name in params else getattr(module, name)
