@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import METHODS, _randomise_adapter, build_base, peft_model
 
-from adapters.testing import count_step_ops as _ops
+from adapters.testing import count_step_ops
 
 #: adapted sites per layer of each benchmark method on a Qwen3 layer
 SITES_PER_LAYER = {"lora_qv_r8": 2, "lora_all_r16": 6, "ia3": 3, "dora": 2, "vera": 2, "seq_bn": 1, "par_bn": 1,
@@ -30,7 +30,7 @@ SITES_PER_LAYER = {"lora_qv_r8": 2, "lora_all_r16": 6, "ia3": 3, "dora": 2, "ver
 
 
 def _per_site(model: torch.nn.Module, embeds: torch.Tensor, base: dict[bool, int], sites: int) -> Callable:
-    return lambda train: (_ops(model, embeds, train) - base[train]) / sites
+    return lambda train: (count_step_ops(model, embeds, train) - base[train]) / sites
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     base = build_base("tiny", torch.float32, "cpu")
     layers = base.config.num_hidden_layers
     embeds = torch.randn(2, 16, base.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    base_ops = {train: _ops(base, embeds, train) for train in (False, True)}
+    base_ops = {train: count_step_ops(base, embeds, train) for train in (False, True)}
     print(f"Qwen3-shaped model, {layers} layers; base: {base_ops[False]} ops forward, {base_ops[True]} ops "
           f"per training step (forward + backward with input gradients).\n")
     print("| method | sites | forward ops / site | training ops / site | peft forward | peft training |")

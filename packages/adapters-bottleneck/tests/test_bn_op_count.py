@@ -12,25 +12,19 @@ backward, and 2 sums of gradients of tensors used twice. ``par_bn`` (input ``x``
 from __future__ import annotations
 
 import pytest
-import torch
 
 import adapters
-from adapters.testing import count_step_ops as _kernel_ops
-from adapters.testing import tiny_model
+from adapters.testing import count_step_ops, frozen_base_step_ops, tiny_model
 
 
 @pytest.mark.parametrize("config, forward_ops, training_ops", [("seq_bn", 5, 14), ("par_bn", 5, 14)])
 def test_bottleneck_operations_per_location(config, forward_ops, training_ops) -> None:
-    base = tiny_model("qwen3")
-    for p in base.parameters():
-        p.requires_grad_(False)
-    embeds = torch.randn(2, 8, base.config.hidden_size)
-    base_train, base_infer = _kernel_ops(base, embeds, True), _kernel_ops(base, embeds, False)
+    embeds, base_infer, base_train = frozen_base_step_ops("qwen3")
     model = adapters.init(tiny_model("qwen3"))
     model.add_adapter("a", config=config)  # one location per layer (after the FFN)
     model.train_adapter("a")
     locations = model.config.num_hidden_layers
-    assert _kernel_ops(model, embeds, False) - base_infer == forward_ops * locations
-    assert _kernel_ops(model, embeds, True) - base_train == training_ops * locations
+    assert count_step_ops(model, embeds, False) - base_infer == forward_ops * locations
+    assert count_step_ops(model, embeds, True) - base_train == training_ops * locations
     model.set_active_adapters(None)
-    assert _kernel_ops(model, embeds, False) == base_infer  # inactive: exactly the base's operations
+    assert count_step_ops(model, embeds, False) == base_infer  # inactive: exactly the base's operations

@@ -132,25 +132,20 @@ def test_single_lora_adds_the_minimum_of_operations_per_projection(alpha, extra_
     two rank-sized multiplications backward. A regression here (an extra copy, cast or view node)
     costs a kernel launch per projection in every training step on a GPU."""
     import adapters
-    from adapters.testing import count_step_ops as _kernel_ops
-    from adapters.testing import tiny_model
+    from adapters.testing import count_step_ops, frozen_base_step_ops, tiny_model
 
-    base = tiny_model("qwen3")
-    for p in base.parameters():
-        p.requires_grad_(False)
-    embeds = torch.randn(2, 8, base.config.hidden_size)
-    base_train, base_infer = _kernel_ops(base, embeds, True), _kernel_ops(base, embeds, False)
+    embeds, base_infer, base_train = frozen_base_step_ops("qwen3")
     model = adapters.init(tiny_model("qwen3"))
     model.add_adapter("a", config=LoRAConfig(r=4, alpha=alpha))  # q and v
     model.train_adapter("a")
     projections = 2 * model.config.num_hidden_layers
-    assert _kernel_ops(model, embeds, True) - base_train == (7 + extra_backward) * projections
-    assert _kernel_ops(model, embeds, False) - base_infer == 2 * projections
+    assert count_step_ops(model, embeds, True) - base_train == (7 + extra_backward) * projections
+    assert count_step_ops(model, embeds, False) - base_infer == 2 * projections
     model.merge_adapter("a")
-    assert _kernel_ops(model, embeds, False) == base_infer  # merged: exactly the base's operations
+    assert count_step_ops(model, embeds, False) == base_infer  # merged: exactly the base's operations
     model.reset_adapter()
     model.set_active_adapters(None)
-    assert _kernel_ops(model, embeds, False) == base_infer  # inactive: exactly the base's operations
+    assert count_step_ops(model, embeds, False) == base_infer  # inactive: exactly the base's operations
 
 
 @pytest.mark.parametrize("swapped", ["weight", "bias", "lora_A", "lora_B"])

@@ -578,11 +578,9 @@ class AdapterModelMixin:
         active = set(_names(state.active)) if state.active is not None else set()
         active_fusions = _fusion_names(state.active)
 
-        def row(name: str, method: str, params: list, active: bool, merged: bool = False,
-                share: float | None = None) -> dict[str, Any]:
+        def row(name: str, method: str, params: list, active: bool, merged: bool = False) -> dict[str, Any]:
             count = sum(p.numel() for p in params)
-            if share is None:
-                share = 100.0 * count / base_count if base_count else 0.0
+            share = 100.0 * count / base_count if base_count else 0.0
             return {"name": name, "method": method, "#params": count, "%params": share, "active": active,
                     "train": any(p.requires_grad for p in params), "merged": merged}
 
@@ -592,9 +590,8 @@ class AdapterModelMixin:
                      fusion_name in active_fusions) for fusion_name, fusion in state.fusions.items()]
         if head_params:
             rows.append(row("Task head", "", head_params, True))
-        full = row("Full model", "", inner_params, True, share=100.0)
-        full["#params"] = base_count
-        rows.append(full)
+        # the whole model's size, but "train" asks about the base model's own weights only
+        rows.append({**row("Full model", "", inner_params, True), "#params": base_count, "%params": 100.0})
         if as_dict:
             return rows
         header = f"{'Name':<24}{'Architecture':<20}{'#Param':>12}{'%Param':>10}  {'Active':<7}{'Train':<6}"

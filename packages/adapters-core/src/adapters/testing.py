@@ -40,6 +40,7 @@ __all__ = [
     "VOCAB",
     "count_kernel_ops",
     "count_step_ops",
+    "frozen_base_step_ops",
     "supports",
     "tiny_config",
     "tiny_inputs",
@@ -279,3 +280,14 @@ def count_step_ops(model: torch.nn.Module, embeds: torch.Tensor, train: bool) ->
                 model(inputs_embeds=embeds, use_cache=False)
 
     return sum(count_kernel_ops(step).values())
+
+
+def frozen_base_step_ops(model_type: str, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, int, int]:
+    """``inputs_embeds`` for :func:`tiny_model` ``(model_type)`` and :func:`count_step_ops` of that model
+    with every weight frozen: ``(embeds, forward ops, training-step ops)``, the baseline to subtract
+    from the same model type with adapters (built by a second ``tiny_model`` call: the same weights)."""
+    base = tiny_model(model_type)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    embeds = torch.randn(batch, seq, base.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    return embeds, count_step_ops(base, embeds, False), count_step_ops(base, embeds, True)

@@ -345,7 +345,6 @@ class LoRALinear(AdapterLinear):
             y2.addmm_(h2, lora_b.t(), alpha=scaling)
         return y2.view(*x.shape[:-1], self.out_features)
 
-
     # -- adapters --------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoRAConfig, site: AttachSite) -> None:
         self.adapters[name] = self._build(config, site, None, "")

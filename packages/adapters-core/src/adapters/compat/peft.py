@@ -135,7 +135,6 @@ def read_peft(directory: str) -> LoadedCheckpoint | None:
     return LoadedCheckpoint(name=name, config=None, tensors={}, meta=meta, source=directory, resolve=resolve)
 
 
-
 def _resolve(model: nn.Module, cfg: dict[str, Any], modules: dict[str, dict[str, torch.Tensor]],
              weights_path: str, name: str, directory: str) -> LoadedCheckpoint:
     alpha = cfg.get("lora_alpha", 8)
