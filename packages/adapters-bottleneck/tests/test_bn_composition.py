@@ -94,17 +94,19 @@ def test_average_is_normalised_weighted_sum(last_layer):
 
 
 def test_stack_feeds_b_with_a_output(last_layer):
-    _, bn, store, run = last_layer
+    model, bn, store, run = last_layer
+    bn_owner = model.layers[1]
     got = run(ac.Stack("a", "b"))
     h, x = store["h"], store["x"]
     with torch.no_grad():
-        out_a = bn.adapters["a"](h, x, bn.norm)
-        expected = bn.adapters["b"](out_a, x, bn.norm)
+        out_a = bn.adapters["a"](h, x, bn.norm_of(bn_owner))
+        expected = bn.adapters["b"](out_a, x, bn.norm_of(bn_owner))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_fuse_by_hand(last_layer, helpers):
     model, bn, store, run = last_layer
+    bn_owner = model.layers[1]
     name = model.add_adapter_fusion(ac.Fuse("a", "b", "c"), config="static")
     assert name == "a,b,c"
     fusion = bn.fusions[name]
@@ -115,7 +117,7 @@ def test_fuse_by_hand(last_layer, helpers):
     got = run(ac.Fuse("a", "b", "c"))
     h, x = store["h"], store["x"]
     with torch.no_grad():
-        branches = [bn.adapters[n](h, x, bn.norm) - h for n in "abc"]
+        branches = [bn.adapters[n](h, x, bn.norm_of(bn_owner)) - h for n in "abc"]
         u = h + x  # seq_bn adapter input LN(h + x), LN = identity for pre-norm llama
         q = u @ fusion.query.weight.T + fusion.query.bias
         scores = torch.stack([((o @ fusion.key.weight.T + fusion.key.bias) * q).sum(-1) for o in branches], -1)

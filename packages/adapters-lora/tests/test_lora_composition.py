@@ -110,7 +110,7 @@ def test_failed_multitask_forward_leaves_no_state_behind() -> None:
     pending call entry behind: the next forward passes behave exactly as before."""
     import adapters
     import adapters.composition as ac
-    from adapters import model as model_module
+    from adapters import forward as forward_module
     from adapters.context import current_context
     from adapters.testing import tiny_inputs, tiny_model
 
@@ -126,7 +126,7 @@ def test_failed_multitask_forward_leaves_no_state_behind() -> None:
         for bad in ({"task_ids": [0, 7]}, {}):
             with pytest.raises(ValueError, match="task_ids"):
                 model(**inputs, **bad)
-            assert model_module._calls() == [] and current_context() is None
+            assert forward_module._calls() == [] and current_context() is None
         with adapters.AdapterSetup("a"):
             assert torch.equal(model(**inputs).last_hidden_state, only_a)
         assert model.active_adapters == ac.MultiTask("a", "b")

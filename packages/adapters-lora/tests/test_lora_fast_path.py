@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from adapters_lora import LoRAConfig
+from adapters_lora.layer import LoRALinear
 
 CONFIGS = ["lora", "dora", "ia3", "mtl_lora", "lora[dropout=0.1]"]
 
@@ -42,7 +43,7 @@ def test_bf16_autocast_on_cpu(helpers, arch, config) -> None:
 
 def _call(layer, x, a, b):
     """The layer's forward with ``A`` and ``B`` given as plain tensors (so gradcheck can perturb them)."""
-    plain = layer._plain
+    plain = layer.adapters["a"]
     saved = plain._parameters["lora_A"], plain._parameters["lora_B"]
     plain._parameters["lora_A"], plain._parameters["lora_B"] = a, b
     try:
@@ -57,12 +58,13 @@ def test_fast_path_matches_reference_math_to_second_order(helpers, arch) -> None
     model.add_adapter("a", LoRAConfig(r=4, alpha=6, init_weights="bert", init_weights_seed=1))
     model.train_adapter("a")
     model.eval()
-    layer = next(m for m in model.modules() if getattr(m, "_plain", None) is not None)
-    scaling = layer._plain.scaling
+    layer = next(m for m in model.modules() if isinstance(m, LoRALinear) and m.adapters["a"].straight)
+    plain = layer.adapters["a"]
+    scaling = plain.scaling
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, layer.in_features, generator=gen, dtype=torch.float64, requires_grad=True)
-    a = layer._plain.lora_A.detach().clone().requires_grad_(True)
-    b = layer._plain.lora_B.detach().clone().requires_grad_(True)
+    a = plain.lora_A.detach().clone().requires_grad_(True)
+    b = plain.lora_B.detach().clone().requires_grad_(True)
 
     def reference(x, a, b):
         return torch.nn.functional.linear(x, layer.weight, layer.bias) + scaling * (x @ a.t()) @ b.t()
@@ -162,10 +164,10 @@ def test_straight_line_follows_a_tensor_put_in_place_of_a_parameter(swapped) -> 
     layer = LoRALinear(nn.Linear(6, 5), "p")
     config = LoRAConfig(r=2, alpha=4)
     layer.adapters["a"] = LoRADelta(config, 6, 5, None, torch.float32, torch.device("cpu"))
+    layer.adapters["a"].straight = True  # the straight-line path is the one under test
     with torch.no_grad():
         layer.adapters["a"].lora_B.normal_()
     layer.set_plan(Leaf("a"))
-    assert layer._plain is not None  # the straight-line path is the one under test
     owner = layer if swapped in ("weight", "bias") else layer.adapters["a"]
     replacement = getattr(owner, swapped).detach() * 3 + 0.5  # a plain tensor, not a Parameter
     delattr(owner, swapped)

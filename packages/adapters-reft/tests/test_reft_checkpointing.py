@@ -33,28 +33,6 @@ def test_checkpointed_gradients_equal_plain_ones_with_padding() -> None:
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_layer_recomputed_without_context_uses_the_forward_positions() -> None:
-    """What a checkpointed recomputation sees: the layer runs again, in train mode, with no forward
-    context (autograd may even run it on another thread). It must edit the same positions."""
-    from adapters.context import ForwardContext, pop_context, push_context
-
-    model = tiny_model("qwen3", "causal_lm")
-    adapters.init(model)
-    model.add_adapter("r", config="loreft[r=2, prefix_positions=2, suffix_positions=2, dropout=0.0]")
-    model.train_adapter("r")
-    layer = model._adapters_state.layers("r")[0]
-    h = torch.randn(2, 6, model.config.hidden_size)
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-    push_context(ForwardContext(attention_mask=mask))
-    try:
-        in_forward = layer.edit(h)
-    finally:
-        pop_context()
-    recomputed = layer.edit(h)
-    torch.testing.assert_close(recomputed, in_forward, rtol=0, atol=0)
-    assert torch.equal(recomputed[0, :2], h[0, :2]) and torch.equal(recomputed[1, 4:], h[1, 4:])  # padding untouched
-
-
 def test_adapter_added_after_a_dtype_move_follows_the_model() -> None:
     model = tiny_model("qwen3")
     adapters.init(model)

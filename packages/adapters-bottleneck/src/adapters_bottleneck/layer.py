@@ -3,11 +3,14 @@
 A :class:`BottleneckLayer` is installed as a child module of a Transformer layer (so the base
 model's state-dict keys stay as they were) and hosts every bottleneck adapter and fusion at one
 location (``attn``, ``cross`` or ``output``). It works through three torch hooks, tied to its
-lifetime by the attach site:
+lifetime by the attach site. The hooks are plain functions of the layer's attribute name: they
+find the adapter layer, and keep per-call tensors, in the running Transformer layer's frame
+(:mod:`adapters.frames`), never on a module, so threads and ``nn.DataParallel`` replicas each use
+their own:
 
 * a forward pre-hook on the ``layer_pre_*`` module stores the residual stream ``x`` (its first
-  positional argument or ``hidden_states`` keyword) in ``self._x`` for the rest of the layer's
-  forward; only while a plan is active, and consumed (cleared) by the next hook;
+  positional argument or ``hidden_states`` keyword) in the frame for the rest of the layer's
+  forward; only while a plan is active, and consumed by the next hook;
 * a forward hook on the output projection (attention ``o`` or FFN ``output``) replaces the
   sub-block output ``h`` by the adapted one;
 * for ``original_ln_after=False`` on models whose interface names the norm (post-norm), a forward
@@ -21,15 +24,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from adapters.errors import AdapterError
+from adapters.frames import frame_child
 from adapters.method import AdapterLayer, AttachSite
 from adapters.plan import IDENTITY, FusePlan, Leaf, PlanNode, PlanOps, execute
 from adapters.points import ModulePoint
+from adapters.shared_ref import SharedRef
 
 from .config import AdapterFusionConfig, BnConfig
 
@@ -133,8 +139,8 @@ class PHMLinear(nn.Module):
     """A parameterised hypercomplex multiplication layer: ``y = x W + b`` with ``W = Σ_i A_i ⊗ B_i``.
 
     ``W`` is never built: with ``x`` viewed as (n, in/n), ``y[b, q] = Σ_i Σ_a A_i[a, b] (x[a] B_i)[q]``.
-    Rules and blocks may be shared model-level modules (``shared_phm_rule`` / ``shared_W_phm``);
-    those are referenced, not registered here, so they are saved once, under ``shared.<key>``.
+    Rules and blocks may be shared model-level modules (``shared_phm_rule`` / ``shared_W_phm``),
+    held through :class:`~adapters.shared_ref.SharedRef`, so they are saved once, under ``shared.<key>``.
     """
 
     def __init__(self, in_features: int, out_features: int, config: BnConfig, dtype: torch.dtype,
@@ -145,19 +151,24 @@ class PHMLinear(nn.Module):
             raise AdapterError(f"PHM layer {in_features}→{out_features}: both sizes must be divisible by "
                                f"phm_dim={n}; change reduction_factor or phm_dim.")
         self.n, self.in_features, self.out_features = n, in_features, out_features
-        if rule is None:
-            self.rule = PHMRule(config, dtype, device)
-        else:
-            self.__dict__["rule"] = rule
-        if weight is None:
-            self.weight_blocks = PHMWeight(config, in_features, out_features, dtype, device)
-        else:
-            self.__dict__["weight_blocks"] = weight
+        # shared rules / blocks are held through SharedRef: real children (replicas and copies follow
+        # them), saved once, under shared.<key>
+        self.rule = PHMRule(config, dtype, device) if rule is None else SharedRef(rule)
+        self.weight_blocks = (PHMWeight(config, in_features, out_features, dtype, device) if weight is None
+                              else SharedRef(weight))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if config.phm_bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.rule()
+    def _rule(self) -> torch.Tensor:
+        rule = self.rule
+        return rule.module() if isinstance(rule, SharedRef) else rule()
+
+    def _blocks(self) -> PHMWeight:
         blocks = self.weight_blocks
+        return blocks.module if isinstance(blocks, SharedRef) else blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self._rule()
+        blocks = self._blocks()
         xv = x.reshape(*x.shape[:-1], self.n, self.in_features // self.n)
         if blocks.factorized:
             z = torch.einsum("...ap,ipr->...iar", xv, blocks.W_left)
@@ -167,11 +178,17 @@ class PHMLinear(nn.Module):
         y = torch.einsum("...iaq,iab->...bq", z, a).reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the layer's weight blocks."""
+        blocks = self._blocks()
+        return (blocks.W_left if blocks.factorized else blocks.W).dtype
+
     def dense_weight(self) -> torch.Tensor:
         """``W = Σ_i A_i ⊗ B_i`` (in × out), for tests and inspection only."""
-        blocks = self.weight_blocks
+        blocks = self._blocks()
         b = blocks.W_left @ blocks.W_right if blocks.factorized else blocks.W
-        a = self.rule()
+        a = self._rule()
         return sum(torch.kron(a[i], b[i]) for i in range(self.n))
 
 
@@ -215,10 +232,9 @@ class Bottleneck(nn.Module):
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        """The dtype the adapter's weights have now (it follows ``model.to(dtype)``)."""
-        if isinstance(self.up, nn.Linear):
-            return self.up.weight.dtype
-        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+        """The dtype the adapter's weights have now (it follows ``model.to(dtype)``; read through
+        attributes, which ``nn.DataParallel`` replicas have instead of parameters)."""
+        return self.up.weight.dtype if isinstance(self.up, nn.Linear) else self.up.dtype
 
     def adapter_input(self, h: torch.Tensor, x: torch.Tensor | None, norm: Norm) -> torch.Tensor:
         """``h'``: ``x`` (parallel), ``LN(h + x)`` (``original_ln_before``) or ``h``."""
@@ -305,19 +321,33 @@ class FusionLayer(nn.Module):
         eye = torch.eye(self.value.weight.shape[0], dtype=self.value.weight.dtype, device=self.value.weight.device)
         return ((self.value.weight - eye) ** 2).sum()
 
-    def forward(self, h: torch.Tensor, query_input: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
-        """Fuse ``branches`` (..., K, d) -- each adapter's output minus ``h`` -- into one output."""
+    def temperature_for_call(self, scratch: dict | None, key: str) -> torch.Tensor | float:
+        """The softmax temperature of this forward call. Annealing (``temperature=True``) lowers the
+        stored value once per training call; the value a call used is kept in its layer frame's
+        ``scratch``, so gradient checkpointing recomputes the call with it, not a later one."""
+        if not self.anneal:
+            return self.fixed_temperature
+        if scratch is not None and key in scratch:
+            return scratch[key]
+        value = self.temperature
+        if self.training and torch._C._current_graph_task_id() == -1:  # not inside a backward pass
+            with torch.no_grad():
+                self.temperature = (value * 0.99).clamp(min=1.0)
+        if scratch is not None:
+            scratch[key] = value
+        return value
+
+    def forward(self, h: torch.Tensor, query_input: torch.Tensor, branches: torch.Tensor,
+                temperature: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Fuse ``branches`` (..., K, d) -- each adapter's output minus ``h`` -- into one output
+        (``temperature``: the call's, from :meth:`temperature_for_call`; default: the current one)."""
         cfg = self.config
         q = self.query(query_input) if self.query is not None else query_input
         k = self.key(branches) if self.key is not None else branches
         scores = (k * q.unsqueeze(-2)).sum(-1).float()
-        if self.anneal:
-            scores = scores / self.temperature
-            if self.training:
-                with torch.no_grad():
-                    self.temperature = (self.temperature * 0.99).clamp(min=1.0)
-        else:
-            scores = scores / self.fixed_temperature
+        if temperature is None:
+            temperature = self.temperature_for_call(None, "")
+        scores = scores / temperature
         probs = torch.softmax(scores, dim=-1).to(h.dtype)
         if self.dropout is not None:
             probs = self.dropout(probs)
@@ -333,18 +363,22 @@ class FusionLayer(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- layer
 class _BnOps(PlanOps):
-    """Leaf, identity and fuse semantics of bottleneck adapters for :func:`adapters.plan.execute`."""
+    """Leaf, identity and fuse semantics of bottleneck adapters for :func:`adapters.plan.execute`
+    (made per call: it carries the call's norm)."""
 
-    def __init__(self, layer: BottleneckLayer) -> None:
+    def __init__(self, layer: BottleneckLayer, norm: Norm, final_space: bool, scratch: dict | None = None) -> None:
         self.layer = layer
+        self.norm = norm
+        self.final_space = final_space
+        self.scratch = scratch
 
     def leaf(self, name: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return self.layer.run_adapter(name, inputs[0], inputs[1] if len(inputs) > 1 else None)
+        return self.layer.run_adapter(name, inputs[0], inputs[1] if len(inputs) > 1 else None, self.norm,
+                                      self.final_space)
 
     def identity(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        layer = self.layer
-        if layer.final_space:
-            return layer.norm(inputs[0] + _need(inputs[1] if len(inputs) > 1 else None))
+        if self.final_space:
+            return self.norm(inputs[0] + _need(inputs[1] if len(inputs) > 1 else None))
         return inputs[0]
 
     def fuse(self, node: FusePlan, inputs: tuple[torch.Tensor, ...], run: Any) -> torch.Tensor:
@@ -359,48 +393,72 @@ class _BnOps(PlanOps):
         query_input = h
         if not fusion.config.query_before_ln:
             first = kids[0].leaves()[0]
-            query_input = layer.adapters[first].adapter_input(h, x, layer.norm)
-        return fusion(h, query_input, branches)
+            query_input = layer.adapters[first].adapter_input(h, x, self.norm)
+        key = f"{layer.attr}.temperature.{node.fusion}"
+        return fusion(h, query_input, branches, fusion.temperature_for_call(self.scratch, key))
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _relative(point: ModulePoint | None, owner: ModulePoint, what: str) -> str | None:
+    """``point``'s path inside the Transformer layer ``owner`` (refused when it lies outside)."""
+    if point is None:
+        return None
+    prefix = owner.path + "."
+    if not point.path.startswith(prefix):
+        raise AdapterError(f"Bottleneck adapters need the {what} inside the Transformer layer '{owner.path}'; "
+                           f"the interface puts it at '{point.path}'.")
+    return point.path[len(prefix):]
 
 
 class BottleneckLayer(AdapterLayer):
-    """Every bottleneck adapter (and fusion) at one location of one Transformer layer."""
+    """Every bottleneck adapter (and fusion) at one location of one Transformer layer.
 
-    def __init__(self, location: str, kind: str, hidden: int, proj: ModulePoint, pre: ModulePoint | None,
-                 norm: ModulePoint | None) -> None:
+    Installed as the child ``attr`` of the Transformer layer. Its hooks on modules inside that layer
+    (residual capture, projection output, norm output) are plain functions of ``attr``: they find
+    the layer through the running layer's frame (:func:`adapters.frames.frame_child`), so a replica
+    or copy of the model uses its own adapters, and keep the captured residual in the frame.
+    """
+
+    def __init__(self, location: str, kind: str, attr: str, hidden: int, owner: ModulePoint, proj: ModulePoint,
+                 pre: ModulePoint | None, norm: ModulePoint | None) -> None:
         super().__init__(location)
         self.kind = kind
+        self.attr = attr
         self.hidden = hidden
         self.fusions = nn.ModuleDict()
         self.configs: dict[str, BnConfig] = {}
-        # Points are plain references (not submodules): the base model owns those modules.
-        self.__dict__["_proj_point"] = proj
-        self.__dict__["_pre_point"] = pre
-        self.__dict__["_norm_point"] = norm
-        self._x: torch.Tensor | None = None
-        self._final: torch.Tensor | None = None
-        self.final_space = False
-        self._ops = _BnOps(self)
+        # paths inside the Transformer layer, resolved on the module each call runs
+        self.proj_path = _relative(proj, owner, "output projection")
+        self.pre_path = _relative(pre, owner, "module before the sub-block (layer_pre_*)")
+        self.norm_path = _relative(norm, owner, "norm after the sub-block")
+        self._final_space: dict[Any, bool] = {}  # plan -> whether it works in the norm's output space
         self._hooked = False
         self._norm_hooked = False
 
     # -- placement ------------------------------------------------------------------------------
-    def install_hooks(self, site: AttachSite) -> None:
+    def install_hooks(self, site: AttachSite, owner: nn.Module) -> None:
         """Register the capture and output hooks (once per layer)."""
         if self._hooked:
             return
-        pre = self._pre_point
-        if pre is not None:
-            site.register_hook(self, pre.module.register_forward_pre_hook(self._capture, with_kwargs=True))
-        site.register_hook(self, self._proj_point.module.register_forward_hook(self._after_projection))
+        site.layer_frames()
+        if self.pre_path is not None:
+            pre = owner.get_submodule(self.pre_path)
+            site.register_hook(self, pre.register_forward_pre_hook(partial(_capture, self.attr), with_kwargs=True))
+        proj = owner.get_submodule(self.proj_path)
+        site.register_hook(self, proj.register_forward_hook(partial(_after_projection, self.attr)))
         self._hooked = True
 
-    def add_adapter(self, name: str, config: BnConfig, site: AttachSite) -> None:
+    def add_adapter(self, name: str, config: BnConfig, site: AttachSite, owner: nn.Module | None = None) -> None:
         """Create adapter ``name`` here (sizes from the config and the layer index)."""
-        self.install_hooks(site)
+        if owner is None:
+            raise AdapterError("BottleneckLayer.add_adapter needs the Transformer layer module (owner=...).")
+        self.install_hooks(site, owner)
         layer_index = int(self.location.split(".")[1])
         bottleneck = max(1, int(self.hidden // config.reduction_for(layer_index)))
-        proj = self._proj_point.module
+        proj = owner.get_submodule(self.proj_path)
         dtype = site.dtype_for(proj, config)
         device = next((p.device for p in proj.parameters()), None)
         shared: dict[str, nn.Module] = {}
@@ -417,13 +475,16 @@ class BottleneckLayer(AdapterLayer):
         module.train(self.training)
         self.adapters[name] = module
         self.configs[name] = config
-        if not config.original_ln_after and self._norm_point is not None and not self._norm_hooked:
-            site.register_hook(self, self._norm_point.module.register_forward_hook(self._replace_norm_output))
+        self._final_space.clear()
+        if not config.original_ln_after and self.norm_path is not None and not self._norm_hooked:
+            norm = owner.get_submodule(self.norm_path)
+            site.register_hook(self, norm.register_forward_hook(partial(_replace_norm_output, self.attr)))
             self._norm_hooked = True
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         self.configs.pop(name, None)
+        self._final_space.clear()
 
     def add_fusion(self, fusion_name: str, config: AdapterFusionConfig, names: list[str]) -> None:
         """Create the fusion layer ``fusion_name`` here."""
@@ -437,56 +498,75 @@ class BottleneckLayer(AdapterLayer):
         if fusion_name in self.fusions:
             del self.fusions[fusion_name]
 
-    def set_plan(self, plan: PlanNode | None) -> None:
-        self.plan = plan
-        self._x = None
-        self._final = None
-        self.final_space = plan is not None and any(
-            not self.configs[n].original_ln_after for n in plan.leaves() if n in self.configs
-        )
-
     # -- forward --------------------------------------------------------------------------------
-    def norm(self, t: torch.Tensor) -> torch.Tensor:
-        """The model's norm at this location (identity when the interface names none)."""
-        point = self._norm_point
-        return point.module(t) if point is not None else t
+    def final_space(self, plan: PlanNode) -> bool:
+        """Whether ``plan`` has an adapter with ``original_ln_after=False``: then every branch works in
+        the output space of the norm after the sub-block (memoised per plan; plans are values)."""
+        value = self._final_space.get(plan)
+        if value is None:
+            value = any(not self.configs[n].original_ln_after for n in plan.leaves() if n in self.configs)
+            self._final_space[plan] = value
+        return value
 
-    def run_adapter(self, name: str, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-        """Adapter ``name`` on ``(h, x)``, in the layer's output convention (see ``final_space``)."""
-        out = self.adapters[name](h, x, self.norm)
-        if self.final_space and self.configs[name].original_ln_after:
-            out = self.norm(out + _need(x))
+    def norm_of(self, owner: nn.Module) -> Norm:
+        """The model's norm at this location in the Transformer layer ``owner`` (identity without one)."""
+        return owner.get_submodule(self.norm_path) if self.norm_path is not None else _identity
+
+    def run_adapter(self, name: str, h: torch.Tensor, x: torch.Tensor | None, norm: Norm,
+                    final_space: bool) -> torch.Tensor:
+        """Adapter ``name`` on ``(h, x)``, in the layer's output convention (see :meth:`final_space`)."""
+        out = self.adapters[name](h, x, norm)
+        if final_space and self.configs[name].original_ln_after:
+            out = norm(out + _need(x))
         return out
 
-    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.plan is not None:
-            self._x = args[0] if args else kwargs.get("hidden_states")
-        return None
-
-    def _after_projection(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        plan = self.plan
-        if plan is None:
-            return None
-        h = output
-        x = self._x
-        self._x = None
+    def adapt(self, plan: PlanNode, h: torch.Tensor, x: torch.Tensor | None, norm: Norm,
+              final_space: bool, scratch: dict | None = None) -> torch.Tensor:
+        """The sub-block output ``h`` with ``plan`` applied (``x``: the captured residual stream;
+        ``scratch``: the running layer frame's per-call storage)."""
         if x is not None and x.shape != h.shape:
             x = x.reshape(h.shape)
-        inputs = (h,) if x is None else (h, x)
         if isinstance(plan, Leaf):
-            y = self.run_adapter(plan.name, h, x)
-        else:
-            y = execute(plan, inputs, self._ops)
-        if not self.final_space:
-            return y
-        if self._norm_point is not None:
-            self._final = y
-            return None
-        return y - _need(x)
+            return self.run_adapter(plan.name, h, x, norm, final_space)
+        return execute(plan, (h,) if x is None else (h, x), _BnOps(self, norm, final_space, scratch))
 
-    def _replace_norm_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        final = self._final
-        if final is None:
-            return None
-        self._final = None
-        return final
+    def forward(self, h: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply this call's plan to a sub-block output ``h`` outside a model forward (no norm)."""
+        plan = self.active_plan()
+        if plan is None:
+            return h
+        return self.adapt(plan, h, x, _identity, False)
+
+
+# -- hooks: plain functions of the layer's attribute name, no reference to any module ------------------
+def _capture(attr: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    frame, layer = frame_child(attr)
+    if layer is not None and layer.active_plan() is not None:
+        frame.scratch[attr] = args[0] if args else kwargs.get("hidden_states")
+    return None
+
+
+def _after_projection(attr: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    frame, layer = frame_child(attr)
+    if layer is None:
+        return None
+    plan = layer.active_plan()
+    if plan is None:
+        return None
+    x = frame.scratch.pop(attr, None)
+    final_space = layer.final_space(plan)
+    norm = layer.norm_of(frame.owner)
+    y = layer.adapt(plan, output, x, norm, final_space, frame.scratch)
+    if not final_space:
+        return y
+    if layer.norm_path is not None:
+        frame.scratch[attr + ".final"] = y
+        return None
+    return y - _need(x)
+
+
+def _replace_norm_output(attr: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    frame, _ = frame_child(attr)
+    if frame is None:
+        return None
+    return frame.scratch.pop(attr + ".final", None)

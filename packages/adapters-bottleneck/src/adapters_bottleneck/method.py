@@ -120,11 +120,12 @@ class BottleneckMethod(AdapterMethod):
                 hidden = linear_features(proj.module)[1]
                 location = f"{lp.module.location}.bottleneck_{kind}"
 
-                def factory(location=location, kind=kind, hidden=hidden, proj=proj, pre=pre, norm=norm):
-                    return BottleneckLayer(location, kind, hidden, proj, pre, norm)
+                def factory(location=location, kind=kind, hidden=hidden, proj=proj, pre=pre, norm=norm,
+                            layer_point=lp.module):
+                    return BottleneckLayer(location, kind, CHILD_ATTR[kind], hidden, layer_point, proj, pre, norm)
 
                 layer = site.add_child(owner, CHILD_ATTR[kind], BottleneckLayer, factory)
-                layer.add_adapter(name, config, site)
+                layer.add_adapter(name, config, site, owner)
 
     # -- fusion ---------------------------------------------------------------------------------
     def add_fusion(self, state: Any, fusion_name: str, adapter_names: list[str], config: Any) -> None:

@@ -1,10 +1,11 @@
 """Composition blocks: how several adapters combine in one forward pass.
 
-Blocks are plain data; ``adapters.init``-ed models compile an active setup into per-layer plans
-(:mod:`adapters.plan`) once, when it is activated. Blocks nest (``Stack("a", Fuse("b", "c"))``)
-within the rules of :data:`ALLOWED_NESTING`; every method declares the blocks it supports
-(:attr:`adapters.method.AdapterMethod.supported_blocks`) and an unsupported combination is
-refused at activation.
+Blocks are values: immutable children, hashable, equal exactly when they compute the same thing
+(names, weights, splits and fusion names included). ``adapters.init``-ed models compile a setup
+into per-layer plans (:mod:`adapters.plan`) once and cache them under the block itself. Blocks
+nest (``Stack("a", Fuse("b", "c"))``) within the rules of :data:`ALLOWED_NESTING`; every method
+declares the blocks it supports (:attr:`adapters.method.AdapterMethod.supported_blocks`) and an
+unsupported combination is refused at activation.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class AdapterCompositionBlock(Sequence):
                     f"{type(self).__name__} children must be adapter names or blocks, got {child!r}."
                 )
             parsed.append(child)
-        self.children: list[Setup] = parsed
+        #: a tuple: blocks are values (hashable, equal when they compute the same thing)
+        self.children: tuple[Setup, ...] = tuple(parsed)
 
     def __getitem__(self, index):  # type: ignore[override]
         return self.children[index]
@@ -106,6 +108,10 @@ class Fuse(AdapterCompositionBlock):
 
     def _extra(self) -> tuple:
         return (self.fusion_name,)
+
+    def _extra_repr(self) -> list[tuple[str, object]]:
+        default = ",".join(c if isinstance(c, str) else c.name for c in self.children)
+        return [] if self.fusion_name == default else [("name", self.fusion_name)]
 
 
 class Split(AdapterCompositionBlock):

@@ -1,9 +1,13 @@
-"""The per-forward context: what a forward pass knows beyond its hidden states.
+"""The per-call state of a forward pass: which plans it runs, how its rows are routed, where its tokens are.
 
-The model's forward pre-hook (installed by ``adapters.init``) builds a :class:`ForwardContext`
-only when the active setup needs one (``MultiTask``, ``Parallel``, methods that read the
-attention mask), and pushes it on a *thread-local* stack, so two threads running forward passes
-on different models never see each other's context.
+Everything a forward pass reads beyond its hidden states lives in a :class:`ForwardContext` built
+by the model's forward pre-hook (:mod:`adapters.forward`) when the call starts, and pushed on a
+*thread-local* stack for the duration of that call. Nothing per-call is written to a module: two
+threads (or two ``nn.DataParallel`` replicas, which run in their own threads) each see their own
+context, and a layer module shared by them is only read.
+
+Two module-level counters let the hot path skip the thread-local lookup when no thread has
+anything open (``torch.compile`` guards on them as constants).
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["ForwardContext", "current_context", "AdapterSetup", "current_setup"]
+__all__ = ["ForwardContext", "current_context", "call_context", "AdapterSetup", "current_setup"]
 
 _local = threading.local()
-#: How many AdapterSetup blocks are open in any thread (a plain global, cheap to read in forward).
+#: How many AdapterSetup blocks are open in any thread (read in the pre-hook: skip the lookup at 0).
 _OPEN_SETUPS = 0
+#: How many pushed contexts carry their own plans, in any thread (read by every adapter layer).
+_CALL_PLANS = 0
 
 
 def _stack(name: str) -> list:
@@ -32,24 +38,40 @@ def _stack(name: str) -> list:
 
 @dataclass
 class ForwardContext:
-    """Facts about the current forward pass, computed once in the model's pre-hook.
+    """Facts about one forward call of one adapter model, computed once when the call starts.
 
+    :ivar token: the model's :attr:`AdapterState.token`; layers of another model ignore the context.
+    :ivar plans: the per-layer plans of this call's setup, indexed by a layer's slot, when the call
+        runs another setup than the model's default (``AdapterSetup``, ``generate``); else ``None``.
     :ivar attention_mask: the ``attention_mask`` passed to the model (``None`` if none).
+    :ivar input_ids: the ``input_ids`` passed to the model.
+    :ivar position_ids: the ``position_ids`` passed to the model (packed sequences restart at 0).
+    :ivar cache_position: the ``cache_position`` passed to the model (generation).
+    :ivar past_key_values: the cache passed to the model (``past_key_values``, or ``cache`` as
+        transformers ≥ 5.2x calls it; generation).
     :ivar task_ids: one task index per row (``MultiTask``), on the input's device.
-    :ivar task_rows: per task, the sorted row positions (host-side sizes, one sync per forward).
     :ivar task_perm: a row permutation that groups rows by task; ``task_inverse`` undoes it.
     :ivar task_sizes: how many rows each task has.
     :ivar parallel: how many copies of the batch ``Parallel`` made (1 if none).
-    :ivar extra: room for methods to cache per-forward values (e.g. intervention positions).
+    :ivar prompt_lengths: inside ``generate()``, the number of real prompt tokens of each row (from
+        the first call, the prompt); methods that edit prompt positions only (ReFT) count within it,
+        so generation with and without a cache edits the same tokens. ``None`` outside ``generate``.
+    :ivar extra: room for methods to cache per-call values (e.g. intervention positions).
     """
 
+    token: int = -1
+    plans: tuple | None = None
     attention_mask: torch.Tensor | None = None
     input_ids: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    cache_position: torch.Tensor | None = None
+    past_key_values: Any = None
     task_ids: torch.Tensor | None = None
     task_perm: torch.Tensor | None = None
     task_inverse: torch.Tensor | None = None
     task_sizes: list[int] | None = None
     parallel: int = 1
+    prompt_lengths: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def set_task_ids(self, task_ids: torch.Tensor, num_tasks: int, device: torch.device | None = None) -> None:
@@ -69,36 +91,82 @@ class ForwardContext:
             packed = packed.to(device)
         self.task_ids, self.task_perm, self.task_inverse = packed.unbind(0)
 
+    def past_length(self) -> int:
+        """How many tokens of each row the cache held before this call (0 without a cache).
+
+        Read from the cache object (no device sync for transformers' dynamic cache), else from
+        ``cache_position``. Computed when the call starts (the model appends to its cache during
+        the call) and cached.
+        """
+        if "past_length" in self.extra:
+            return self.extra["past_length"]
+        value = 0
+        cache = self.past_key_values
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            value = int(cache.get_seq_length())
+        elif isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
+            value = int(cache[0][0].shape[-2])
+        elif isinstance(self.cache_position, torch.Tensor) and self.cache_position.numel():
+            value = int(self.cache_position.reshape(-1)[0])
+        self.extra["past_length"] = value
+        return value
+
 
 def current_context() -> ForwardContext | None:
-    """The context of the innermost forward pass running in this thread, or ``None``."""
+    """The context of the innermost forward call running in this thread, or ``None``."""
     stack = _stack("contexts")
     return stack[-1] if stack else None
 
 
+def call_context(token: int) -> ForwardContext | None:
+    """The innermost context in this thread of the model with ``token`` (``None`` if that model is not
+    running a forward call with a context here)."""
+    stack = getattr(_local, "contexts", None)
+    if not stack:
+        return None
+    for ctx in reversed(stack):
+        if ctx.token == token:
+            return ctx
+    return None
+
+
 def push_context(ctx: ForwardContext) -> None:
+    global _CALL_PLANS
     _stack("contexts").append(ctx)
+    if ctx.plans is not None:
+        _CALL_PLANS += 1
 
 
 def pop_context() -> None:
+    global _CALL_PLANS
     stack = _stack("contexts")
     if stack:
-        stack.pop()
+        ctx = stack.pop()
+        if ctx.plans is not None:
+            _CALL_PLANS -= 1
 
 
 class AdapterSetup:
     """Context manager that activates an adapter setup for the forward passes inside it.
 
     ``with adapters.AdapterSetup("a"): model(**batch)`` runs ``model`` with ``a`` active, whatever
-    ``model.active_adapters`` says, and restores nothing afterwards because nothing else changed.
-    Pass ``model=`` to activate on that model only; without it, every adapter model that runs a
-    forward pass in this thread inside the block uses the setup. Nests; thread-local.
+    ``model.active_adapters`` says. Nothing on the model changes: the setup is resolved into plans
+    when each forward call starts and travels with that call, so other threads using the same model
+    keep their own setups. Pass ``model=`` to activate on that model only; without it, every adapter
+    model that runs a forward pass in this thread inside the block uses the setup. Nests;
+    thread-local (``nn.DataParallel`` replicas run in worker threads and use the model's default
+    setup). ``task_ids`` routes rows for a ``MultiTask`` setup.
     """
 
     def __init__(self, setup: Any, model: Any = None, *, task_ids: Sequence[int] | torch.Tensor | None = None) -> None:
         self.setup = setup
         self.model = model
         self.task_ids = task_ids
+        #: set by generate(): the inputs were replicated for Parallel once, before generation
+        self.replicated = False
+        #: set by generate(): the calls inside belong to one generation (see ForwardContext.prompt_lengths)
+        self.generation = False
+        self.prompt_lengths: torch.Tensor | None = None
 
     def __enter__(self) -> AdapterSetup:
         global _OPEN_SETUPS

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from . import context as _context
 from .errors import AdapterError
 
 if TYPE_CHECKING:
@@ -304,17 +305,47 @@ class AdapterLayer(nn.Module):
     """A module hosting every adapter of one method at one hook point.
 
     ``self.adapters`` maps adapter names to per-adapter modules that own their parameters;
-    core derives training, summaries and checkpoints from it. ``self.plan`` is the compiled
-    activation plan for this layer (``None``: no adapter active here: run as the base model).
-    ``self.location`` is a portable key (``layers.3.self_attn.q``) used in checkpoints.
+    core derives training, summaries and checkpoints from it. ``self.location`` is a portable key
+    (``layers.3.self_attn.q``) used in checkpoints.
+
+    In ``forward`` a layer reads its plan as ``self.plan`` (or :meth:`active_plan`; ``None``: no
+    adapter active here: run as the base model): the plan of the running call's setup when the call
+    brought one (``AdapterSetup``, ``generate``), else the model's default, which only
+    :meth:`set_plan` writes. A layer never writes
+    per-call state to itself and never holds a reference to another module outside its own
+    submodules: ``nn.DataParallel`` replicas, deep copies and pickles of the model must work.
     """
 
     def __init__(self, location: str) -> None:
         super().__init__()
         self.location = location
         self.adapters = nn.ModuleDict()
-        self.plan: PlanNode | None = None
+        self._default_plan: PlanNode | None = None
+        self._adapters_token = -1
+        self._adapters_slot = -1
         self._detach: list[Callable[[], None]] = []
+
+    def bind_slot(self, token: int, slot: int) -> None:
+        """Record the model (``token``) and the index of this layer in the model's plan tables (core)."""
+        self._adapters_token = token
+        self._adapters_slot = slot
+
+    def active_plan(self) -> PlanNode | None:
+        """The plan this forward call runs at this layer (see the class docstring)."""
+        if _context._CALL_PLANS:
+            ctx = _context.call_context(self._adapters_token)
+            if ctx is not None and ctx.plans is not None:
+                return ctx.plans[self._adapters_slot]
+        return self._default_plan
+
+    @property
+    def plan(self) -> PlanNode | None:
+        """The plan of the running call (:meth:`active_plan`); assigning sets the model's default."""
+        return self.active_plan()
+
+    @plan.setter
+    def plan(self, plan: PlanNode | None) -> None:
+        self.__dict__["_default_plan"] = plan
 
     def add_adapter(self, name: str, config: AdapterConfig, site: AttachSite) -> None:
         """Create the module of adapter ``name`` in ``self.adapters`` (required)."""
@@ -326,8 +357,8 @@ class AdapterLayer(nn.Module):
             del self.adapters[name]
 
     def set_plan(self, plan: PlanNode | None) -> None:
-        """Install the compiled plan (called on activation; never in ``forward``)."""
-        self.plan = plan
+        """Install the model's default plan (called on activation; never in ``forward``)."""
+        self._default_plan = plan
 
     def merge_adapter(self, name: str) -> None:
         """Fold adapter ``name`` into the base weights (mergeable methods)."""
@@ -394,6 +425,28 @@ def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
             setattr(src, attr, type(getattr(src, attr))())
 
 
+class _PutBack:
+    """Undo of :meth:`AttachSite.replace`: the original module (and its hooks) back at its point.
+    A plain object, not a closure, so a model with adapters pickles and deep-copies."""
+
+    def __init__(self, point: Any, original: nn.Module, layer: nn.Module) -> None:
+        self.point, self.original, self.layer = point, original, layer
+
+    def __call__(self) -> None:
+        _move_hooks(self.layer, self.original)
+        self.point.replace(self.original)
+
+
+class _RemoveChild:
+    """Undo of :meth:`AttachSite.add_child` (picklable)."""
+
+    def __init__(self, owner: nn.Module, attr: str) -> None:
+        self.owner, self.attr = owner, attr
+
+    def __call__(self) -> None:
+        delattr(self.owner, self.attr)
+
+
 class AttachSite:
     """The model as a method sees it while adding one adapter.
 
@@ -425,12 +478,7 @@ class AttachSite:
         layer.train(current.training)
         _move_hooks(current, layer)
         point.replace(layer)
-
-        def restore(point=point, original=current, layer=layer) -> None:
-            _move_hooks(layer, original)
-            point.replace(original)
-
-        layer._detach.append(restore)
+        layer._detach.append(_PutBack(point, current, layer))
         self._new(layer)
         return layer
 
@@ -446,9 +494,14 @@ class AttachSite:
         layer = factory()
         layer.train(owner.training)
         owner.add_module(attr, layer)
-        layer._detach.append(lambda owner=owner, attr=attr: delattr(owner, attr))
+        layer._detach.append(_RemoveChild(owner, attr))
         self._new(layer)
         return layer
+
+    def layer_frames(self) -> None:
+        """Ask for core's layer frames (:mod:`adapters.frames`): hooks of a method on modules inside a
+        Transformer layer then find their adapter layer with :func:`adapters.frames.frame_child`."""
+        self.state.ensure_layer_frames()
 
     def register_hook(self, layer: AdapterLayer, handle: Any) -> None:
         """Tie a hook handle (from ``register_forward_hook`` etc.) to ``layer``'s lifetime."""

@@ -9,7 +9,6 @@ added and activated the model computes exactly what it did before.
 from __future__ import annotations
 
 import inspect
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -17,9 +16,8 @@ import torch
 from torch import nn
 
 from . import composition as ac
-from . import context as _context
-from .context import ForwardContext, current_setup, pop_context, push_context
 from .errors import AdapterError, CompositionError
+from .forward import generate_with_setup, post_forward, pre_forward
 from .interface import AdapterModelInterface
 from .method import AdapterConfig, AdapterLayer, AttachSite
 from .plugins import registry
@@ -29,16 +27,32 @@ from .state import AdapterRecord, AdapterState, FusionRecord, _names
 __all__ = ["init", "AdapterModelMixin", "load_model"]
 
 _class_cache: dict[type, type] = {}
-_call_local = threading.local()
 
 
 def _adapter_class(cls: type) -> type:
+    """The class an initialised model gets: the original class with :class:`AdapterModelMixin` mixed in
+    (and, where the original generates, a ``generate`` that applies the call's setup to every step)."""
     if issubclass(cls, AdapterModelMixin):
         return cls
     if cls not in _class_cache:
-        _class_cache[cls] = type(cls.__name__, (AdapterModelMixin, cls), {"__module__": cls.__module__,
-                                                                         "_adapters_original_class": cls})
+        namespace: dict[str, Any] = {"__module__": cls.__module__, "_adapters_original_class": cls}
+        original_generate = getattr(cls, "generate", None)
+        if callable(original_generate):
+            def generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+                return generate_with_setup(self, original_generate, args, kwargs)
+
+            generate.__doc__ = (original_generate.__doc__ or "") + (
+                "\n\nWith adapters: the active setup (or an open AdapterSetup) applies to the prompt and every "
+                "decode step; task_ids=... routes MultiTask rows; Parallel returns one copy per child.")
+            namespace["generate"] = generate
+        _class_cache[cls] = type(cls.__name__, (AdapterModelMixin, cls), namespace)
     return _class_cache[cls]
+
+
+def _rebuild_adapter_model(original_class: type) -> nn.Module:
+    """Unpickling / deep copy of an initialised model: an empty instance of its adapter class."""
+    cls = _adapter_class(original_class)
+    return cls.__new__(cls)
 
 
 def init(model: nn.Module, interface: AdapterModelInterface | str | None = None) -> nn.Module:
@@ -98,131 +112,10 @@ def init(model: nn.Module, interface: AdapterModelInterface | str | None = None)
     except (TypeError, ValueError):
         params = []
     state.forward_params = params  # type: ignore[attr-defined]
-    state.hook_handles.append(model.register_forward_pre_hook(_pre_forward, with_kwargs=True))
-    state.hook_handles.append(model.register_forward_hook(_post_forward, always_call=True))
+    state.hook_handles.append(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
+    state.hook_handles.append(model.register_forward_hook(post_forward, always_call=True))
+    state.apply_setup(None)
     return model
-
-
-# ---------------------------------------------------------------------------------------------- forward hooks
-_BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "decoder_input_ids")
-
-
-def _batch_size(args: tuple, kwargs: dict, params: list[str]) -> int | None:
-    named = dict(zip(params, args))
-    named.update(kwargs)
-    for key in _BATCH_KEYS:
-        value = named.get(key)
-        if isinstance(value, torch.Tensor):
-            return value.shape[0]
-    for value in list(args) + list(kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    return None
-
-
-def _replicate(value: Any, copies: int, batch: int) -> Any:
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return value.repeat(copies, *([1] * (value.dim() - 1)))
-    return value
-
-
-def _calls() -> list:
-    stack = getattr(_call_local, "stack", None)
-    if stack is None:
-        stack = _call_local.stack = []
-    return stack
-
-
-def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    state: AdapterState = model._adapters_state
-    setup_entry = current_setup(model) if _setups_active() else None
-    if not state.needs_context and setup_entry is None and "task_ids" not in kwargs:
-        _calls().append(None)
-        return None
-    previous = state.active
-    swapped = False
-    try:
-        if setup_entry is not None and setup_entry.setup != state.active:
-            parsed = ac.parse_composition(setup_entry.setup)
-            if parsed is not None:
-                state.validate_setup(parsed)
-            state.apply_setup(parsed)
-            state.active = parsed
-            swapped = True
-        args, kwargs, ctx = _build_context(state, args, kwargs, setup_entry)
-    except BaseException:
-        # the post-hook (always called) pops one entry per call: leave one that restores the setup
-        _calls().append((swapped, previous, False))
-        raise
-    push_context(ctx)
-    _calls().append((swapped, previous, True))
-    return args, kwargs
-
-
-def _build_context(state: AdapterState, args: tuple, kwargs: dict,
-                   setup_entry: Any) -> tuple[tuple, dict, ForwardContext]:
-    """The per-forward context; replicates the inputs for ``Parallel`` and routes ``task_ids``."""
-    task_ids = kwargs.pop("task_ids", None)  # accepted (and ignored) when no MultiTask setup is active
-    if task_ids is None and setup_entry is not None:
-        task_ids = setup_entry.task_ids
-    ctx = ForwardContext()
-    params = getattr(state, "forward_params", [])
-    named = dict(zip(params, args))
-    named.update(kwargs)
-    ctx.attention_mask = named.get("attention_mask")
-    ctx.input_ids = named.get("input_ids")
-    if state.parallel_copies > 1:
-        batch = _batch_size(args, kwargs, params)
-        if batch is not None:
-            copies = state.parallel_copies
-            args = tuple(_replicate(a, copies, batch) for a in args)
-            kwargs = {k: _replicate(v, copies, batch) for k, v in kwargs.items()}
-            ctx.parallel = copies
-            if isinstance(ctx.attention_mask, torch.Tensor):
-                ctx.attention_mask = _replicate(ctx.attention_mask, copies, batch)
-            if isinstance(ctx.input_ids, torch.Tensor):
-                ctx.input_ids = _replicate(ctx.input_ids, copies, batch)
-    if state.multitask_names is not None:
-        if task_ids is None:
-            raise ValueError("The active setup is MultiTask: pass task_ids=[...] (one task per row) to forward.")
-        device = next((t.device for t in (ctx.input_ids, ctx.attention_mask) if isinstance(t, torch.Tensor)), None)
-        if device is None:
-            device = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
-        ctx.set_task_ids(_task_tensor(task_ids, state.multitask_names), len(state.multitask_names), device)
-    return args, kwargs, ctx
-
-
-def _post_forward(model: nn.Module, args: tuple, output: Any) -> None:
-    stack = _calls()
-    entry = stack.pop() if stack else None
-    if entry is None:
-        return None
-    swapped, previous, pushed = entry
-    if pushed:
-        pop_context()
-    if swapped:
-        state: AdapterState = model._adapters_state
-        state.apply_setup(previous)
-        state.active = previous
-    return None
-
-
-def _setups_active() -> bool:
-    return _context._OPEN_SETUPS > 0
-
-
-def _task_tensor(task_ids: Any, names: list[str]) -> torch.Tensor:
-    if isinstance(task_ids, torch.Tensor):
-        return task_ids
-    ids = []
-    for t in task_ids:
-        if isinstance(t, str):
-            if t not in names:
-                raise ValueError(f"task_ids entry {t!r} is not one of the MultiTask adapters {names}.")
-            ids.append(names.index(t))
-        else:
-            ids.append(int(t))
-    return torch.tensor(ids, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------- model API
@@ -230,6 +123,10 @@ class AdapterModelMixin:
     """Methods added to a model by :func:`init`. Every failing call leaves the model unchanged."""
 
     _adapters_state: AdapterState
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        # the adapter class is made at run time: pickle and deepcopy rebuild it from the original class
+        return (_rebuild_adapter_model, (type(self)._adapters_original_class,), self.__getstate__())
 
     # -- adapters --------------------------------------------------------------------------------
     @property
@@ -316,6 +213,8 @@ class AdapterModelMixin:
         for method in record.methods:
             method.after_delete(state, adapter_name)
         del state.adapters[adapter_name]
+        if not state.adapters:
+            state.remove_layer_frames()  # the model is exactly as adapters.init left it
         state.refresh()
 
     def get_adapter(self, name: str) -> dict[str, nn.Module]:
@@ -528,8 +427,7 @@ class AdapterModelMixin:
         fusion_name = _fusion_name(adapter_names)
         if fusion_name not in state.fusions:
             raise AdapterError(f"No AdapterFusion '{fusion_name}' (have: {sorted(state.fusions)}).")
-        if state.active is not None and isinstance(state.active, ac.AdapterCompositionBlock) and \
-                fusion_name in repr(state.active):
+        if fusion_name in _fusion_names(state.active):
             state.activate(None)
         state.fusions[fusion_name].method.delete_fusion(state, fusion_name)
         del state.fusions[fusion_name]

@@ -1,10 +1,12 @@
 """Per-layer activation plans and their generic interpreter.
 
-Activating a setup compiles it, for every adapter layer, into a small immutable tree of plan
+Compiling a setup turns it, for every adapter layer, into a small immutable tree of plan
 nodes restricted to the adapters that layer hosts (an adapter absent from the layer becomes
-:data:`IDENTITY`). Adapter layers read ``self.plan`` in ``forward``; the common case, one adapter,
-is a :class:`Leaf` that a layer handles on a straight-line fast path. :func:`execute` interprets
-the other nodes: the row and position routing of ``BatchSplit``, ``Split``, ``Parallel`` and
+:data:`IDENTITY`). Adapter layers read theirs with ``AdapterLayer.active_plan()`` in
+``forward``; the common case, one adapter, is a :class:`Leaf` that a layer handles on a
+straight-line fast path. Plans are immutable values holding adapter names only (never a module),
+so a table of them can be shared by threads and ``nn.DataParallel`` replicas. :func:`execute`
+interprets the other nodes: the row and position routing of ``BatchSplit``, ``Split``, ``Parallel`` and
 ``MultiTask`` is the same for every method, so it lives here; what a leaf, a stack or a fusion
 means is the method's business (:class:`PlanOps`).
 """
@@ -179,15 +181,9 @@ def execute(node: PlanNode, inputs: tuple[torch.Tensor, ...], ops: PlanOps) -> t
             return torch.cat(outs, dim=1)
         if isinstance(n, MultiTaskPlan):
             ctx = current_context()
-            if ctx is not None and ctx.task_perm is not None:
-                if torch.is_grad_enabled():
-                    # gradient checkpointing may recompute this layer in the backward pass, without a
-                    # forward context (and on autograd's device thread): remember the routing for it
-                    ops.__dict__["_recompute_context"] = ctx
-            else:
-                ctx = ops.__dict__.get("_recompute_context") if torch.is_grad_enabled() else None
-                if ctx is None or ctx.task_sizes is None or sum(ctx.task_sizes) != ins[0].shape[0]:
-                    raise ValueError("The active setup is MultiTask: pass task_ids=... to the model's forward.")
+            if ctx is None or ctx.task_perm is None or sum(ctx.task_sizes) != ins[0].shape[0]:
+                raise ValueError("The active setup is MultiTask: pass task_ids=... (one per row) to the model's "
+                                 "forward or generate.")
             ordered = tuple(t.index_select(0, ctx.task_perm) for t in ins)
             parts = _split_rows(ordered, ctx.task_sizes)
             outs = [run(c, p) for c, p, size in zip(n.children, parts, ctx.task_sizes) if size > 0]

@@ -4,6 +4,7 @@ compiler that turns an active setup into per-layer plans.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from torch import nn
 
 from . import composition as ac
 from .errors import AdapterError, AdapterNotFoundError, CompositionError
+from .frames import _MARK as FRAMES_MARK
+from .frames import install_layer_frames
 from .interface import AdapterModelInterface
 from .method import AdapterConfig, AdapterLayer, AdapterMethod
 from .plan import (
@@ -29,10 +32,11 @@ from .plan import (
 )
 from .points import ModelPoints
 
-__all__ = ["AdapterRecord", "AdapterState", "SHARED_ATTR"]
+__all__ = ["AdapterRecord", "AdapterState", "PlanTable", "SHARED_ATTR"]
 
 #: Attribute of the model root that holds model-level adapter modules (``nn.ModuleDict``).
 SHARED_ATTR = "adapters_shared"
+_TOKENS = itertools.count()
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-+]+$")
 
 
@@ -74,18 +78,21 @@ class AdapterState:
     fusions: dict[str, FusionRecord] = field(default_factory=dict)
     active: ac.AdapterCompositionBlock | str | None = None
     merged: str | None = None
-    needs_context: bool = False
-    parallel_copies: int = 1
-    multitask_names: list[str] | None = None
     hook_handles: list[Any] = field(default_factory=list)
+    forward_params: list[str] = field(default_factory=list)
+    frame_handles: list[Any] = field(default_factory=list)
+    default: PlanTable | None = None
+    token: int = field(default_factory=lambda: next(_TOKENS))
     _layers: list[AdapterLayer] | None = None
-    _plan_cache: dict[Any, list[tuple[AdapterLayer, PlanNode | None]]] = field(default_factory=dict)
+    _plan_cache: dict[Any, PlanTable] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ lookups
     def layers(self, name: str | None = None) -> list[AdapterLayer]:
         """Every adapter layer in the model, or those hosting adapter ``name``."""
         if self._layers is None:
             self._layers = [m for m in self.model.modules() if isinstance(m, AdapterLayer)]
+            for slot, layer in enumerate(self._layers):  # plain ints: replicas and copies keep them
+                layer.bind_slot(self.token, slot)
         if name is None:
             return list(self._layers)
         return [layer for layer in self._layers if name in layer.adapters]
@@ -179,7 +186,7 @@ class AdapterState:
             )
 
     # ------------------------------------------------------------------ activation
-    def validate_setup(self, setup: ac.AdapterCompositionBlock | str) -> None:
+    def validate_setup(self, setup: ac.AdapterCompositionBlock | str | None) -> None:
         """Check names, method support for every enclosing block, and the merge rule."""
 
         def visit(node: ac.AdapterCompositionBlock | str, ancestors: list[type]) -> None:
@@ -202,6 +209,13 @@ class AdapterState:
                     f"model.add_adapter_fusion({node.flatten()!r}) first."
                 )
 
+        if setup is None:
+            if self.merged is not None:
+                raise CompositionError(
+                    f"Adapter '{self.merged}' is merged into the base weights; call model.reset_adapter() "
+                    "before deactivating it."
+                )
+            return
         visit(setup, [])
         if self.merged is not None:
             top = setup.children if isinstance(setup, ac.Stack) else [setup]
@@ -211,40 +225,38 @@ class AdapterState:
                     "(alone or in a top-level Stack). Call model.reset_adapter() first to use another setup."
                 )
 
-    def plans_for(self, setup: ac.AdapterCompositionBlock | str | None) -> list[tuple[AdapterLayer, PlanNode | None]]:
-        """Per-layer plans for ``setup`` (cached until adapters change)."""
-        key = repr(setup)
-        cached = self._plan_cache.get(key)
+    def table(self, setup: ac.AdapterCompositionBlock | str | None) -> PlanTable:
+        """The validated, immutable per-layer plans of a parsed ``setup``, cached under its value.
+
+        Composition blocks are hashable and equal by value (names and fusion names included), so
+        two setups share a table exactly when they compute the same thing. The cache is emptied
+        whenever adapters, fusions or merges change.
+        """
+        cached = self._plan_cache.get(setup)
         if cached is None:
-            cached = [(layer, None if setup is None else _restrict(setup, layer, self.merged))
-                      for layer in self.layers()]
-            self._plan_cache[key] = cached
+            self.validate_setup(setup)
+            layers = self.layers()
+            plans = tuple(None if setup is None else _restrict(setup, layer, self.merged) for layer in layers)
+            methods = {m for n in (_names(setup) if setup is not None else []) for m in self.adapters[n].methods}
+            parallel = len(setup) if isinstance(setup, ac.Parallel) else 1
+            tasks = (tuple(c if isinstance(c, str) else c.name for c in setup.children)
+                     if isinstance(setup, ac.MultiTask) else None)
+            cached = PlanTable(setup, plans, parallel, tasks,
+                               parallel > 1 or tasks is not None or any(m.needs_context for m in methods))
+            self._plan_cache[setup] = cached
         return cached
 
     def apply_setup(self, setup: ac.AdapterCompositionBlock | str | None) -> None:
-        """Install the plans of an already validated setup on every layer."""
-        for layer, plan in self.plans_for(setup):
+        """Make the table of an already parsed ``setup`` the model's default (read by calls that bring
+        no setup of their own). The only place that writes plans to layers."""
+        table = self.table(setup)
+        for layer, plan in zip(self.layers(), table.plans):
             layer.set_plan(plan)
-        self.parallel_copies = len(setup) if isinstance(setup, ac.Parallel) else 1
-        self.multitask_names = (
-            [c if isinstance(c, str) else c.name for c in setup.children] if isinstance(setup, ac.MultiTask) else None
-        )
-        methods = {m for n in (_names(setup) if setup is not None else []) for m in self.adapters[n].methods}
-        self.needs_context = (
-            self.parallel_copies > 1 or self.multitask_names is not None or any(m.needs_context for m in methods)
-        )
+        self.default = table
 
     def activate(self, setup: Any) -> None:
-        """Parse, validate and install ``setup`` (``None`` deactivates everything)."""
+        """Parse, validate and install ``setup`` as the model's default (``None`` deactivates everything)."""
         parsed = ac.parse_composition(setup)
-        if parsed is None:
-            if self.merged is not None:
-                raise CompositionError(
-                    f"Adapter '{self.merged}' is merged into the base weights; call model.reset_adapter() "
-                    "before deactivating it."
-                )
-        else:
-            self.validate_setup(parsed)
         self.apply_setup(parsed)
         self.active = parsed
 
@@ -252,6 +264,32 @@ class AdapterState:
         """Recompile the current setup (after adapters were added, deleted or merged)."""
         self.invalidate()
         self.apply_setup(self.active)
+
+    def ensure_layer_frames(self) -> None:
+        """Install core's frame hooks on every Transformer layer (see :mod:`adapters.frames`), once."""
+        if self.frame_handles:
+            return
+        for lp in self.points.layers:
+            self.frame_handles.extend(install_layer_frames(lp.module.module))
+
+    def remove_layer_frames(self) -> None:
+        for lp in self.points.layers:
+            lp.module.module.__dict__.pop(FRAMES_MARK, None)
+        for handle in self.frame_handles:
+            handle.remove()
+        self.frame_handles.clear()
+
+
+@dataclass(frozen=True)
+class PlanTable:
+    """One setup compiled for one model: a plan per adapter layer (indexed by the layer's slot) and
+    what a forward call of that setup needs from the pre-hook."""
+
+    setup: Any
+    plans: tuple[PlanNode | None, ...]
+    parallel: int
+    task_names: tuple[str, ...] | None
+    needs_context: bool
 
 
 def _names(setup: ac.AdapterCompositionBlock | str) -> list[str]:

@@ -39,6 +39,7 @@ __all__ = [
     "VISION",
     "VOCAB",
     "count_kernel_ops",
+    "replicate_on_cpu",
     "count_step_ops",
     "frozen_base_step_ops",
     "supports",
@@ -291,3 +292,36 @@ def frozen_base_step_ops(model_type: str, batch: int = 2, seq: int = 8) -> tuple
         p.requires_grad_(False)
     embeds = torch.randn(batch, seq, base.config.hidden_size, generator=torch.Generator().manual_seed(0))
     return embeds, count_step_ops(base, embeds, False), count_step_ops(base, embeds, True)
+
+
+def replicate_on_cpu(model: torch.nn.Module, copies: int = 2,
+                     transform: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                     ) -> list[torch.nn.Module]:
+    """``torch.nn.parallel.replicate(model, range(copies))`` (what ``nn.DataParallel`` does every step) on
+    CPU: torch's own replication of the module tree, with the device broadcast replaced by clones.
+
+    :param transform: ``transform(copy_index, original, copy) -> tensor`` applied to every parameter and
+        buffer copy, e.g. to give one replica other weights and check that it computes with its own.
+    :returns: the replicas (gradients flow from their clones back to ``model``'s parameters).
+
+    A module that keeps a reference to another module outside its submodules (a closure, a hook bound
+    to a module, a plain attribute) computes with the original's tensors in every replica: comparing
+    a replica's output with the original's catches that on a machine without GPUs.
+    """
+    import importlib
+    from unittest import mock
+
+    replicate_module = importlib.import_module("torch.nn.parallel.replicate")  # the module, not the function
+
+    def broadcast(tensors: Any, devices: Any, detach: bool = False) -> list[list[torch.Tensor]]:
+        out = []
+        for index in range(len(devices)):
+            row = []
+            for tensor in tensors:
+                copy = (tensor.detach() if detach else tensor).clone()
+                row.append(transform(index, tensor, copy) if transform is not None else copy)
+            out.append(row)
+        return out
+
+    with mock.patch.object(replicate_module, "_broadcast_coalesced_reshape", broadcast):
+        return replicate_module.replicate(model, list(range(copies)))

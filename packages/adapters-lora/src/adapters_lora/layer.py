@@ -94,12 +94,15 @@ class _AdapterBase(nn.Module):
 
     #: Parameters tied across adapters by ``share_parameters``.
     shareable: tuple[str, ...] = ()
+    straight = False
 
     def __init__(self, config: LoRAConfig, in_features: int, out_rows: int, rows: Rows,
                  dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.config_r = config.r
         self.scaling = float(config.scaling)
+        #: plain LoRA without dropout, gate or row subset (set by the layer): the straight-line path
+        self.straight = False
         self.out_rows = out_rows
         self.register_buffer("row_index", None if rows is None else row_index(rows, 0, device), persistent=False)
         #: the same rows as a slice when they are contiguous (weight rows are then a view, not a copy)
@@ -245,12 +248,12 @@ class DoRADelta(LoRADelta):
     def _base_sq_norms(self, w_rows: torch.Tensor) -> torch.Tensor:
         """``‖W_i‖²`` per row, cached while the frozen weight is unchanged (keyed on its version
         counter and storage), so the forward pass does not re-read and square the whole ``W``."""
+        if torch.compiler.is_compiling():  # before any data_ptr() / _version read: those break the graph
+            return (w_rows * w_rows).sum(dim=1)
         key = (w_rows._version, w_rows.data_ptr(), w_rows.shape, w_rows.dtype, w_rows.device)
         cached = self.__dict__.get("_sq_cache")
-        if cached is None or cached[0] != key or torch.compiler.is_compiling():
+        if cached is None or cached[0] != key:
             value = (w_rows * w_rows).sum(dim=1)
-            if torch.compiler.is_compiling():
-                return value
             self.__dict__["_sq_cache"] = (key, value.detach())
             return value
         return cached[1]
@@ -285,7 +288,8 @@ class DoRADelta(LoRADelta):
 
 
 class _Ops(PlanOps):
-    """LoRA plans run on ``(y, x)``: each adapter maps the output ``y`` to an adapted output."""
+    """LoRA plans run on ``(y, x)``: each adapter maps the output ``y`` to an adapted output. Made per
+    call on the composition path (a layer keeps no object that points back at it)."""
 
     def __init__(self, layer: LoRALinear) -> None:
         self.layer = layer
@@ -298,37 +302,22 @@ class _Ops(PlanOps):
 class LoRALinear(AdapterLinear):
     """A linear projection with LoRA-family adapters. Shares ``weight``/``bias`` with the original."""
 
-    def __init__(self, base: nn.Module, location: str, fused: Any = None) -> None:
-        super().__init__(base, location, fused)
-        self._ops = _Ops(self)
-        self.__dict__["_plain"] = None  # see set_plan
-
-    def set_plan(self, plan: Any) -> None:
-        """Install the plan; a lone plain LoRA adapter on an ``nn.Linear`` gets the straight-line path."""
-        self.plan = plan
-        module = self.adapters[plan.name] if type(plan) is Leaf else None
-        plain = (type(module) is LoRADelta and module.dropout is None and module.gate is None
-                 and module.row_index is None and not self.is_conv1d)
-        # a plain attribute, not a submodule: state_dict() and named_modules() must not list the
-        # adapter a second time
-        self.__dict__["_plain"] = module if plain else None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plain = self._plain
-        # the in-place update is not autocast-aware: under autocast the general path runs
-        if plain is not None and not torch.is_autocast_enabled(x.device.type):
-            lora_a = param(plain, "lora_A")
-            if x.dtype == lora_a.dtype:
-                return self._straight_line(x, lora_a, param(plain, "lora_B"), plain.scaling)
-        y = self.base_forward(x)
-        plan = self.plan
+        plan = self.active_plan()
         if plan is None:
-            return y
+            return self.base_forward(x)
         if type(plan) is Leaf:
-            # fast path: one adapter; y is ours, so it is updated in place; .forward skips the
-            # module-call machinery (adapter modules carry no hooks)
-            return self.adapters[plan.name].forward(x, y, self, True)
-        return execute(plan, (y, x), self._ops)
+            module = self._modules["adapters"]._modules[plan.name]
+            # a lone plain LoRA adapter on an nn.Linear: the straight-line path (the in-place update
+            # is not autocast-aware: under autocast the general path runs)
+            if module.straight and not torch.is_autocast_enabled(x.device.type):
+                lora_a = param(module, "lora_A")
+                if x.dtype == lora_a.dtype:
+                    return self._straight_line(x, lora_a, param(module, "lora_B"), module.scaling)
+            # one adapter: y is ours, so it is updated in place; .forward skips the module-call
+            # machinery (adapter modules carry no hooks)
+            return module.forward(x, self.base_forward(x), self, True)
+        return execute(plan, (self.base_forward(x), x), _Ops(self))
 
     def _straight_line(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                        scaling: float) -> torch.Tensor:
@@ -370,7 +359,10 @@ class LoRALinear(AdapterLinear):
             return DoRADelta(config, self.in_features, out_rows, rows, dtype, device, self.weight_rows(rows), key)
         if getattr(config, "n_up_projection", None) is not None:
             return MTLLoRADelta(config, self.in_features, out_rows, rows, dtype, device, key)
-        return LoRADelta(config, self.in_features, out_rows, rows, dtype, device, key)
+        module = LoRADelta(config, self.in_features, out_rows, rows, dtype, device, key)
+        module.straight = (module.dropout is None and module.gate is None and module.row_index is None
+                           and not self.is_conv1d)
+        return module
 
     def units(self, name: str) -> dict[str, nn.Module]:
         """The per-matrix modules of adapter ``name`` (``{"": module}`` on a plain projection)."""
@@ -472,6 +464,8 @@ class LoRALinear(AdapterLinear):
 
 class FusedParts(nn.Module):
     """One adapter on a fused QKV projection: a part per adapted matrix (at most three), each on its rows."""
+
+    straight = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -6,11 +6,13 @@ the layer's output through it. Each adapter is a :class:`ReftUnit` holding one
 :class:`Intervention` (tied weights) or two (``prefix`` and ``suffix``).
 
 Positions
-    Positions count *real* tokens, read from the attention mask of the current forward pass
-    (``adapters.context.current_context().attention_mask``): the prefix is the first
-    ``prefix_positions`` real tokens of each row, the suffix the last ``suffix_positions`` real
-    tokens, whatever the padding side and the row lengths. Padding is never edited. A row shorter
-    than the prefix (or suffix) edits only the real tokens it has. The sorted positions of the real
+    Positions count *real* tokens of the call's own layout (``adapters.context.current_context()``):
+    padding from its attention mask, sequences packed into one row from its ``position_ids``
+    (restarting at 0, no mask: each packed sequence gets its own prefix and suffix), decode steps
+    from its cache. The prefix is the first ``prefix_positions`` real tokens of each sequence, the
+    suffix the last ``suffix_positions`` real tokens, whatever the padding side and the lengths.
+    Padding is never edited. A row shorter than the prefix (or suffix) edits only the real tokens
+    it has. The sorted positions of the real
     tokens are computed once per forward pass and cached in ``ctx.extra``; every layer then does one
     gather, a small matmul and one ``scatter_add`` (no host synchronisation).
 
@@ -20,16 +22,20 @@ Overlaps
     (``h + Δ_prefix(h) + Δ_suffix(h)``).
 
 Generation with a KV cache
-    Interventions apply to the prompt only. A forward pass whose attention mask is longer than its
-    hidden states (it continues a sequence held in the cache: a decode step, or a later chunk) edits
-    nothing, so the prompt is edited exactly once, in the pre-fill, and generated tokens never are.
-    The suffix is therefore the end of the *prompt*. To get the same edits in a full re-forward of
-    prompt + continuation without cache (or to train on prompt + response while editing only the
-    prompt), wrap the forward in :func:`prompt_lengths`.
+    Interventions apply to the prompt only. A forward call that continues a sequence held in the
+    cache (its ``past_key_values`` or ``cache_position`` say tokens came before, or its attention
+    mask is longer than its hidden states: a decode step, or a later chunk) edits nothing, so the
+    prompt is edited exactly once, in the pre-fill, and generated tokens never are.
+    The suffix is therefore the end of the *prompt*. ``generate()`` without a cache re-runs prompt +
+    continuation each step and edits the same prompt tokens (core tells the layer the prompt's
+    lengths, :attr:`adapters.context.ForwardContext.prompt_lengths`). To get those edits in your own
+    full forward (or to train on prompt + response while editing only the prompt), wrap it in
+    :func:`prompt_lengths`.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,15 +46,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.context import current_context
+from adapters.errors import AdapterError
 from adapters.method import AdapterLayer, AttachSite
-from adapters.plan import Leaf, PlanOps, execute
+from adapters.plan import Leaf, PlanOps, StackPlan, execute
 
 from .config import ReftConfig
 
-__all__ = ["ReftLayer", "ReftUnit", "Intervention", "orthonormal_rows", "prompt_lengths"]
+__all__ = ["ReftLayer", "ReftUnit", "Intervention", "orthonormal_rows", "prompt_lengths", "edit_layer_output"]
 
 _local = threading.local()
 _CACHE_KEY = "adapters_reft.order"
+_SLOT_KEY = "adapters_reft.slots"
 _SKIP = object()
 
 
@@ -179,8 +187,11 @@ class ReftUnit(nn.Module):
             invalid.append(bad)
         return torch.cat(parts, dim=1), torch.cat(invalid, dim=1)
 
-    def apply(self, h: torch.Tensor, index: torch.Tensor, invalid: torch.Tensor) -> torch.Tensor:
-        """``h`` with the edits scattered in at ``index`` (slots in ``invalid`` add nothing)."""
+    def apply(self, h: torch.Tensor, index: torch.Tensor, invalid: torch.Tensor,
+              n_prefix: int | None = None) -> torch.Tensor:
+        """``h`` with the edits scattered in at ``index`` (slots in ``invalid`` add nothing); the first
+        ``n_prefix`` slots (default: ``prefix_positions``) are prefix slots, the rest suffix slots."""
+        n_prefix = self.prefix if n_prefix is None else n_prefix
         expanded = index.unsqueeze(-1).expand(-1, -1, h.shape[-1])
         first = next(iter(self.interventions.values()))
         dtype = first.rotate_weight.dtype
@@ -190,9 +201,9 @@ class ReftUnit(nn.Module):
         else:
             deltas = []
             if self.prefix:
-                deltas.append(self.interventions["prefix"].delta(picked[:, : self.prefix]))
+                deltas.append(self.interventions["prefix"].delta(picked[:, :n_prefix]))
             if self.suffix:
-                deltas.append(self.interventions["suffix"].delta(picked[:, self.prefix:]))
+                deltas.append(self.interventions["suffix"].delta(picked[:, n_prefix:]))
             delta = torch.cat(deltas, dim=1) if len(deltas) > 1 else deltas[0]
         delta = delta.masked_fill(invalid.unsqueeze(-1), 0).to(h.dtype)
         return h.scatter_add(1, expanded, delta)
@@ -205,7 +216,7 @@ class ReftUnit(nn.Module):
 
 class _Ops(PlanOps):
     """ReFT plans run on ``(h, order, lengths)``: all batch-first, so rows route through
-    ``BatchSplit`` and ``MultiTask``; a ``Stack`` edits the previous adapter's output."""
+    ``BatchSplit`` and ``MultiTask``; a ``Stack`` edits the previous adapter's output. Made per call."""
 
     def __init__(self, layer: ReftLayer) -> None:
         self.layer = layer
@@ -215,8 +226,33 @@ class _Ops(PlanOps):
         return self.layer.adapters[name](h, order, lengths)
 
 
-def _real_tokens(h: torch.Tensor) -> Any:
-    """``(order, lengths)`` of the real tokens of this forward, once per pass, or ``_SKIP``."""
+def _packed_segments(position_ids: torch.Tensor, batch: int, seq: int) -> list[tuple[int, int, int]] | None:
+    """``(row, start, end)`` of every sequence packed into the rows, when ``position_ids`` restart at 0
+    inside a row (sequences packed without padding); ``None`` when every row holds one sequence.
+    One host synchronisation, only for calls that pass ``position_ids`` and no attention mask."""
+    if position_ids.dim() != 2 or tuple(position_ids.shape) != (batch, seq) or seq < 2:
+        return None
+    starts = (position_ids[:, 1:] == 0).nonzero().tolist()
+    if not starts:
+        return None
+    cuts: dict[int, list[int]] = {}
+    for row, col in starts:
+        cuts.setdefault(row, []).append(col + 1)
+    segments = []
+    for row in range(batch):
+        bounds = [0, *cuts.get(row, []), seq]
+        segments.extend((row, a, b) for a, b in itertools.pairwise(bounds) if b > a)
+    return segments
+
+
+def _token_layout(h: torch.Tensor) -> Any:
+    """``(order, lengths, segments)`` of the real tokens of this call, once per call, or ``_SKIP``.
+
+    From the call's own layout, never from the attention mask alone: a call that continues a
+    cached sequence (``past_key_values`` / ``cache_position`` say tokens came before: a decode step)
+    edits nothing; padding comes from the attention mask; sequences packed into one row
+    (``position_ids`` restarting at 0, no mask) are edited each on its own (``segments``).
+    """
     ctx = current_context()
     batch, seq = h.shape[0], h.shape[1]
     key = (_CACHE_KEY, batch, seq, h.device)
@@ -224,33 +260,57 @@ def _real_tokens(h: torch.Tensor) -> Any:
         cached = ctx.extra.get(key)
         if cached is not None:
             return cached
+        if ctx.past_length() > 0:
+            ctx.extra[key] = _SKIP  # continues a cached sequence: the prompt was edited in the pre-fill
+            return _SKIP
     mask = ctx.attention_mask if ctx is not None else None
+    segments = None
+    real = None
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch:
         if mask.shape[1] > seq:
-            result: Any = _SKIP  # continues a cached sequence (decode step): the prompt was edited already
-        elif mask.shape[1] == seq:
+            result: Any = _SKIP  # mask covers cached tokens too: a continuation
+            if ctx is not None:
+                ctx.extra[key] = result
+            return result
+        if mask.shape[1] == seq:
             real = mask.to(device=h.device) != 0
-            result = None
-        else:
-            real = torch.ones(batch, seq, dtype=torch.bool, device=h.device)
-            result = None
-    else:
+    elif ctx is not None and isinstance(ctx.position_ids, torch.Tensor):
+        segments = _packed_segments(ctx.position_ids, batch, seq)
+    if real is None:
         real = torch.ones(batch, seq, dtype=torch.bool, device=h.device)
-        result = None
-    if result is None:
-        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
-        lengths = real.sum(dim=1)
-        limit = _prompt_lengths()
-        if limit is not None:
-            lengths = torch.minimum(lengths, limit.to(lengths.device).expand_as(lengths))
-        result = (order, lengths)
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+    lengths = real.sum(dim=1)
+    limit = _prompt_lengths()
+    if limit is None and ctx is not None and ctx.prompt_lengths is not None and ctx.prompt_lengths.numel() == batch:
+        limit = ctx.prompt_lengths  # inside generate(): the prompt only, with or without a cache
+    if limit is not None:
+        lengths = torch.minimum(lengths, limit.to(lengths.device).expand_as(lengths))
+    result = (order, lengths, segments)
     if ctx is not None:
         ctx.extra[key] = result
     return result
 
 
+def _segment_slots(unit: ReftUnit, segments: list[tuple[int, int, int]], seq: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Slots of packed sequences as one flat row of ``batch × seq`` tokens: all prefix slots first."""
+    order = torch.tensor([[row * seq + a + k for k in range(b - a)] + [0] * (seq - (b - a))
+                          for row, a, b in segments], dtype=torch.long, device=device)
+    lengths = torch.tensor([b - a for _, a, b in segments], dtype=torch.long, device=device)
+    index, invalid = unit.slots(order, lengths)
+    n_prefix = unit.prefix
+    flat_index = torch.cat([index[:, :n_prefix].reshape(1, -1), index[:, n_prefix:].reshape(1, -1)], dim=1)
+    flat_invalid = torch.cat([invalid[:, :n_prefix].reshape(1, -1), invalid[:, n_prefix:].reshape(1, -1)], dim=1)
+    return flat_index, flat_invalid, n_prefix * len(segments)
+
+
 class ReftLayer(AdapterLayer):
-    """Hosts the ReFT adapters of one Transformer layer; edits that layer's output via a forward hook."""
+    """Hosts the ReFT adapters of one Transformer layer; edits that layer's output via a forward hook.
+
+    The hook (:func:`edit_layer_output`) is a plain function registered on the Transformer layer: it
+    edits through the ``reft`` child of the module actually called (a replica, a copy), and reads the
+    token layout from the call's context, which gradient checkpointing restores when it recomputes.
+    """
 
     def __init__(self, location: str, hidden: int, base_dtype: torch.dtype, device: torch.device | None) -> None:
         super().__init__(location)
@@ -258,9 +318,6 @@ class ReftLayer(AdapterLayer):
         self.base_dtype = base_dtype
         self.device = device
         self.hooked = False
-        self._ops = _Ops(self)
-        self._slot_key = "adapters_reft.slots"
-        self._recompute: tuple[Any, Any] | None = None
 
     def add_adapter(self, name: str, config: ReftConfig, site: AttachSite) -> None:
         """Create adapter ``name`` (weights in the base model's dtype unless ``config.dtype``)."""
@@ -270,42 +327,42 @@ class ReftLayer(AdapterLayer):
         self.adapters[name] = unit
 
     def edit(self, h: torch.Tensor) -> torch.Tensor:
-        """Apply the active plan to hidden states ``h`` (B × T × d); ``h`` itself when nothing applies."""
-        plan = self.plan
+        """Apply this call's plan to hidden states ``h`` (B × T × d); ``h`` itself when nothing applies."""
+        plan = self.active_plan()
         if plan is None or h.dim() != 3:
             return h
-        if current_context() is None and self._recompute is not None and self._recompute[0] == (h.shape[:2], h.device):
-            # no forward context: gradient checkpointing is recomputing this layer in the backward pass
-            # (possibly on autograd's device thread); use the positions of the forward pass it repeats
-            info = self._recompute[1]
-        else:
-            info = _real_tokens(h)
-            if torch.is_grad_enabled() and self.training:
-                self._recompute = ((h.shape[:2], h.device), info)
+        info = _token_layout(h)
         if info is _SKIP:
             return h
-        order, lengths = info
+        order, lengths, segments = info
+        if segments is not None:
+            return self._edit_packed(plan, h, segments)
         if type(plan) is Leaf:
             unit: ReftUnit = self.adapters[plan.name]
             ctx = current_context()
-            key = (self._slot_key, unit.prefix, unit.suffix, unit.tied, id(order))
+            key = (_SLOT_KEY, unit.prefix, unit.suffix, unit.tied, id(order))
             slots = ctx.extra.get(key) if ctx is not None else None
             if slots is None:
                 slots = unit.slots(order, lengths)
                 if ctx is not None:
                     ctx.extra[key] = slots
             return unit.apply(h, *slots)
-        return execute(plan, (h, order, lengths), self._ops)
+        return execute(plan, (h, order, lengths), _Ops(self))
 
-    def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        """Forward hook of the Transformer layer: replace its hidden-state output by the edited one."""
-        if self.plan is None:
-            return None
-        if isinstance(output, torch.Tensor):
-            return self.edit(output)
-        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            return (self.edit(output[0]), *output[1:])
-        return None
+    def _edit_packed(self, plan: Any, h: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
+        names = [plan.name] if type(plan) is Leaf else None
+        if names is None and type(plan) is StackPlan and all(type(c) is Leaf for c in plan.children):
+            names = [c.name for c in plan.children]
+        if names is None:
+            raise AdapterError("ReFT on packed sequences (position_ids restarting inside a row) supports one "
+                               "adapter or a Stack of adapters; row-routing blocks need one sequence per row.")
+        batch, seq, width = h.shape
+        flat = h.reshape(1, batch * seq, width)
+        for name in names:
+            unit: ReftUnit = self.adapters[name]
+            index, invalid, n_prefix = _segment_slots(unit, segments, seq, h.device)
+            flat = unit.apply(flat, index, invalid, n_prefix)
+        return flat.reshape(batch, seq, width)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`edit` (the layer is normally driven by its hook)."""
@@ -313,3 +370,15 @@ class ReftLayer(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, location={self.location}"
+
+
+def edit_layer_output(attr: str, module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook of a Transformer layer: replace its hidden-state output by the edited one."""
+    layer = module._modules.get(attr)
+    if layer is None or layer.active_plan() is None:
+        return None
+    if isinstance(output, torch.Tensor):
+        return layer.edit(output)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (layer.edit(output[0]), *output[1:])
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -11,7 +12,7 @@ from adapters.method import AdapterMethod, AttachSite
 from adapters.points import ModelPoints
 
 from .config import DiReftConfig, LoReftConfig, NoReftConfig, ReftConfig
-from .layer import ReftLayer
+from .layer import ReftLayer, edit_layer_output
 
 __all__ = ["ReftMethod", "ATTR"]
 
@@ -63,7 +64,8 @@ class ReftMethod(AdapterMethod):
                 lambda loc=f"{lp.module.location}.{ATTR}", dt=dtype, dev=device: ReftLayer(loc, hidden, dt, dev),
             )
             if not layer.hooked:
-                site.register_hook(layer, owner.register_forward_hook(layer.hook))
+                # prepend: inside core's layer frame, so a recomputing checkpoint still has the call's context
+                site.register_hook(layer, owner.register_forward_hook(partial(edit_layer_output, ATTR), prepend=True))
                 layer.hooked = True
             layer.base_dtype, layer.device = dtype, device  # the model may have moved since the layer was made
             layer.add_adapter(name, config, site)

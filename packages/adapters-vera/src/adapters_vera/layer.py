@@ -16,7 +16,6 @@ shared projections, sliced to this layer's widths. The forward pass computes
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from adapters.linear import AdapterLinear, Rows, count_rows
 from adapters.linear import is_linear_like as _is_linear_like
 from adapters.method import AttachSite
 from adapters.plan import Leaf, PlanOps, execute
+from adapters.shared_ref import SharedRef
 
 from .config import VeraConfig
 
@@ -104,21 +104,29 @@ class VeraVectors(nn.Module):
                                f"{in_features} → {out_rows}.")
         self.in_features = int(in_features)
         self.out_rows = int(out_rows)
-        self.rows: Rows = rows
+        # a slice stays a plain attribute; an index tensor is a non-persistent buffer, so it follows
+        # .to(device) and nn.DataParallel replicas (never a tensor held outside the module's buffers)
+        self.row_slice: slice | None = rows if isinstance(rows, slice) else None
+        self.register_buffer("row_index", rows if isinstance(rows, torch.Tensor) else None, persistent=False)
         self.scaling = float(config.scaling)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.lambda_d = nn.Parameter(torch.full((config.r,), float(config.vera_d), dtype=dtype, device=device))
         self.lambda_b = nn.Parameter(torch.full((out_rows,), float(config.vera_b), dtype=dtype, device=device))
-        self._shared = [projections]  # a plain list: referenced, not registered as a child
+        self.shared = SharedRef(projections)  # a real child (replicas follow it), kept out of state dicts
+
+    @property
+    def rows(self) -> Rows:
+        """Output features of the wrapped projection this adapter acts on (``None``: all)."""
+        return self.row_slice if self.row_slice is not None else self.row_index
 
     @property
     def projections(self) -> VeraProjections:
         """The adapter's shared random projections."""
-        return self._shared[0]
+        return self.shared.module
 
     def sliced(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``A[:, :in]`` and ``B[:out_rows]``: this projection's views of the shared matrices."""
-        proj = self._shared[0]
+        proj = self.shared.module
         return proj.A[:, : self.in_features], proj.B[: self.out_rows]
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +172,7 @@ class _Ops(PlanOps):
     """VeRA plans run on ``(y, x)``: each adapter maps the base output ``y`` to an adapted output."""
 
     def __init__(self, layer: VeraLinear) -> None:
-        self.layer = layer
+        self.layer = layer  # made per call: the layer keeps no object that points back at it
 
     def leaf(self, name: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         y, x = inputs
@@ -174,18 +182,14 @@ class _Ops(PlanOps):
 class VeraLinear(AdapterLinear):
     """A linear projection (``nn.Linear`` or ``Conv1D``) with VeRA adapters; shares ``weight``/``bias``."""
 
-    def __init__(self, base: nn.Module, location: str, fused: Any = None) -> None:
-        super().__init__(base, location, fused)
-        self._ops = _Ops(self)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
-        plan = self.plan
+        plan = self.active_plan()
         if plan is None:
             return y
         if type(plan) is Leaf:
             return self.adapters[plan.name](x, y, self)
-        return execute(plan, (y, x), self._ops)
+        return execute(plan, (y, x), _Ops(self))
 
     # -- adapters --------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: VeraConfig, site: AttachSite) -> None:

@@ -1,0 +1,198 @@
+"""The model-level forward hooks ``adapters.init`` installs, and ``generate`` with a setup.
+
+When a forward call starts, :func:`pre_forward` resolves the call's setup (an open
+:class:`~adapters.context.AdapterSetup` for this model, else the model's default) into its cached
+:class:`~adapters.state.PlanTable` and, only when the call needs one, pushes a
+:class:`~adapters.context.ForwardContext`: for a setup other than the default (its plans travel
+with the call), ``Parallel`` (the batch is replicated here), ``MultiTask`` (``task_ids`` are
+grouped here) and methods that read the token layout (ReFT). :func:`post_forward` (always called)
+pops it. Nothing is written to the model or its layers, so threads, ``nn.DataParallel`` replicas
+and nested calls each keep their own state.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import composition as ac
+from . import context as _context
+from .context import AdapterSetup, ForwardContext, current_setup, pop_context, push_context
+
+__all__ = ["pre_forward", "post_forward", "generate_with_setup", "call_setup"]
+
+_BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "decoder_input_ids")
+_call_local = threading.local()
+
+
+def _calls() -> list:
+    stack = getattr(_call_local, "stack", None)
+    if stack is None:
+        stack = _call_local.stack = []
+    return stack
+
+
+def call_setup(model: nn.Module) -> tuple[Any, AdapterSetup | None]:
+    """``(parsed setup, AdapterSetup entry or None)`` that a call of ``model`` made now would run."""
+    state = model._adapters_state
+    entry = current_setup(model) if _context._OPEN_SETUPS else None
+    if entry is None:
+        return state.active, None
+    parsed = entry.__dict__.get("_parsed", _MISSING)
+    if parsed is _MISSING:
+        parsed = ac.parse_composition(entry.setup)
+        entry.__dict__["_parsed"] = parsed
+    return parsed, entry
+
+
+_MISSING = object()
+
+
+def _batch_size(named: dict[str, Any]) -> int | None:
+    for key in _BATCH_KEYS:
+        value = named.get(key)
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    for value in named.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def _replicate(value: Any, copies: int, batch: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    return value
+
+
+def pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of an adapter model (see the module docstring)."""
+    state = model._adapters_state
+    task_ids = kwargs.pop("task_ids", None) if "task_ids" in kwargs else None
+    try:
+        setup, entry = call_setup(model)
+        table = state.default if entry is None else state.table(setup)
+        if table is None or table.setup != setup:
+            table = state.table(setup)
+        own_plans = entry is not None and setup != state.active
+        if not (own_plans or table.needs_context):
+            _calls().append(False)
+            return (args, kwargs) if task_ids is not None else None
+        if task_ids is None and entry is not None:
+            task_ids = entry.task_ids
+        args, kwargs, ctx = _build_context(state, table, args, kwargs, task_ids, entry)
+        ctx.plans = table.plans if own_plans else None
+    except BaseException:
+        _calls().append(False)  # the post-hook (always called) pops one entry per call
+        raise
+    push_context(ctx)
+    _calls().append(True)
+    if model.training and torch.is_grad_enabled():
+        state.ensure_layer_frames()  # gradient checkpointing must find this call's context again
+    return args, kwargs
+
+
+def post_forward(model: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook (always called) of an adapter model: ends what :func:`pre_forward` started."""
+    stack = _calls()
+    if stack and stack.pop():
+        pop_context()
+    return None
+
+
+def _build_context(state: Any, table: Any, args: tuple, kwargs: dict, task_ids: Any,
+                   entry: AdapterSetup | None) -> tuple[tuple, dict, ForwardContext]:
+    """The per-call context; replicates the inputs for ``Parallel`` and routes ``task_ids``."""
+    named = dict(zip(state.forward_params, args))
+    named.update(kwargs)
+    ctx = ForwardContext(token=state.token, attention_mask=named.get("attention_mask"),
+                         input_ids=named.get("input_ids"), position_ids=named.get("position_ids"),
+                         cache_position=named.get("cache_position"),
+                         past_key_values=named.get("past_key_values", named.get("cache")))
+    ctx.past_length()  # now: the model appends to its cache during the call
+    if table.parallel > 1:
+        copies = table.parallel
+        ctx.parallel = copies
+        if entry is None or not entry.replicated:
+            batch = _batch_size(named)
+            if batch is not None:
+                args = tuple(_replicate(a, copies, batch) for a in args)
+                kwargs = {k: _replicate(v, copies, batch) for k, v in kwargs.items()}
+                for key in ("attention_mask", "input_ids", "position_ids"):
+                    setattr(ctx, key, _replicate(getattr(ctx, key), copies, batch))
+    if entry is not None and entry.generation:
+        if entry.prompt_lengths is None:  # the first call of a generation is the prompt
+            entry.prompt_lengths = _real_lengths(ctx.attention_mask, named)
+        if entry.prompt_lengths is not None:
+            ctx.prompt_lengths = _expand_rows(entry.prompt_lengths, _batch_size(named))
+    if table.task_names is not None:
+        if task_ids is None:
+            raise ValueError("The active setup is MultiTask: pass task_ids=[...] (one task per row) to forward.")
+        ids = _expand_rows(_task_tensor(task_ids, list(table.task_names)), _batch_size(named))
+        device = next((t.device for t in (ctx.input_ids, ctx.attention_mask) if isinstance(t, torch.Tensor)), None)
+        if device is None:
+            device = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+        ctx.set_task_ids(ids, len(table.task_names), device)
+    return args, kwargs, ctx
+
+
+def _expand_rows(values: torch.Tensor, batch: int | None) -> torch.Tensor:
+    """Per-row ``values`` for a batch that ``generate()`` expanded (``num_beams``,
+    ``num_return_sequences``: each row repeated in place, as ``repeat_interleave`` does)."""
+    if batch is not None and values.numel() and batch != values.numel() and batch % values.numel() == 0:
+        return values.repeat_interleave(batch // values.numel())
+    return values
+
+
+def _real_lengths(mask: Any, named: dict[str, Any]) -> torch.Tensor | None:
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return (mask != 0).sum(dim=1)
+    tokens = named.get("input_ids", named.get("inputs_embeds"))
+    if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2:
+        return torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
+    return None
+
+
+def _task_tensor(task_ids: Any, names: list[str]) -> torch.Tensor:
+    if isinstance(task_ids, torch.Tensor):
+        return task_ids
+    ids = []
+    for t in task_ids:
+        if isinstance(t, str):
+            if t not in names:
+                raise ValueError(f"task_ids entry {t!r} is not one of the MultiTask adapters {names}.")
+            ids.append(names.index(t))
+        else:
+            ids.append(int(t))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def generate_with_setup(model: nn.Module, original: Any, args: tuple, kwargs: dict) -> Any:
+    """``model.generate`` with the call's setup applied to the prompt and every decode step.
+
+    ``task_ids=`` (one per prompt row) routes a ``MultiTask`` setup; rows that ``generate`` expands
+    (``num_beams``, ``num_return_sequences``) keep their row's task. With ``Parallel`` active the
+    prompt batch is replicated once, one copy per child, so ``generate`` returns
+    ``len(Parallel) × batch`` sequences (the first ``batch`` from the first child, ...).
+    """
+    task_ids = kwargs.pop("task_ids", None)
+    setup, entry = call_setup(model)
+    if task_ids is None and entry is not None:
+        task_ids = entry.task_ids
+    table = model._adapters_state.table(setup)
+    scope = AdapterSetup(setup, model=model, task_ids=task_ids)
+    scope.generation = True
+    if table.parallel > 1:
+        named = dict(kwargs)
+        if args and isinstance(args[0], torch.Tensor):
+            named.setdefault("input_ids", args[0])
+        batch = _batch_size(named)
+        if batch is not None:
+            args = tuple(_replicate(a, table.parallel, batch) for a in args)
+            kwargs = {k: _replicate(v, table.parallel, batch) for k, v in kwargs.items()}
+            scope.replicated = True
+    with scope:
+        return original(model, *args, **kwargs)
