@@ -10,7 +10,9 @@ Each check prints PASS or FAIL with its numbers; the exit status is the number o
   synchronisation to the base model's forward pass (counted with the profiler);
 * merged equals unmerged in bf16 for LoRA, DoRA, IA3 and VeRA;
 * a float32 model trains and infers under bf16 autocast with each method, weights left in float32;
-* LoRA under FSDP1 (one process) trains exactly like the plain model.
+* LoRA under FSDP1 (one process) trains exactly like the plain model;
+* on 2 GPUs, ``nn.DataParallel`` gives every method the outputs and adapter gradients of one GPU
+  (single adapter and, where the method supports it, ``MultiTask`` with scattered ``task_ids``).
 """
 
 from __future__ import annotations
@@ -239,6 +241,63 @@ def _fsdp1() -> str:
     how = "registered parameters" if seen.get("registered") else "plain tensor views in place of the parameters"
     return (f"losses {shown} under FSDP1 ({how} during forward), max relative difference to the plain model "
             f"{worst:.1e}")
+
+
+DP_METHODS = ["lora", "ia3", "dora", "mtl_lora", "seq_bn", "par_bn", "compacter[reduction_factor=4]", "loreft",
+              "vera"]
+
+
+@check("data_parallel_two_gpus_every_method")
+def _data_parallel() -> str:
+    """``nn.DataParallel`` replicates the model every step and runs replica 1 on GPU 1 in a worker
+    thread: each replica must compute with its own weights, so outputs and adapter gradients equal one
+    GPU's (float32, TF32 off)."""
+    import adapters.composition as ac
+
+    if DEVICE != "cuda" or torch.cuda.device_count() < 2:
+        raise RuntimeError(f"needs 2 GPUs, found {torch.cuda.device_count() if DEVICE == 'cuda' else 0}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    worst = 0.0
+    done = []
+    for method in DP_METHODS:
+        model = tiny_model("qwen3", "causal_lm", hidden_size=64, intermediate_size=128, head_dim=16).to("cuda:0")
+        adapters.init(model)
+        model.add_adapter("a", config=method)
+        model.add_adapter("b", config=method)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name in ("a", "b"):
+                for p in model._adapters_state.adapter_parameters(name):
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
+        method_obj = model._adapters_state.adapters["a"].methods[0]
+        setups: list[tuple[object, list[int] | None]] = [("a", None)]
+        if "MultiTask" in method_obj.supported_blocks:
+            setups.append((ac.MultiTask("a", "b"), [1, 0, 0, 1]))
+        for setup, task_ids in setups:
+            model.train_adapter(setup)
+            model.eval()  # no dropout: both runs compute the same function
+            model.lm_head.weight.requires_grad_(False)
+            inputs = {k: v.to("cuda:0") for k, v in tiny_inputs(model, batch=4, seq=16).items()}
+            kwargs = {} if task_ids is None else {"task_ids": torch.tensor(task_ids, device="cuda:0")}
+            results = []
+            for wrapped in (model, torch.nn.DataParallel(model, device_ids=[0, 1])):
+                model.zero_grad(set_to_none=True)
+                logits = wrapped(**inputs, **kwargs).logits
+                logits.float().square().mean().backward()
+                grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+                results.append((logits.detach(), grads))
+            (single, g1), (parallel, g2) = results
+            torch.testing.assert_close(parallel, single, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, method=method, setup=setup: f"{method} {setup!r}: {m}")
+            assert g1.keys() == g2.keys() and g1, f"{method}: gradients {sorted(g1)} vs {sorted(g2)}"
+            for name, grad in g1.items():
+                scale = grad.abs().max().item() or 1.0
+                diff = (g2[name] - grad).abs().max().item() / scale
+                worst = max(worst, diff)
+                assert diff < 1e-3, f"{method} {setup!r}: gradient of {name} differs by {diff:.1e} (relative)"
+            done.append(f"{method}:{'MultiTask' if task_ids else 'single'}")
+    return f"{len(done)} cases ({', '.join(done)}); worst relative gradient difference {worst:.1e}"
 
 
 if __name__ == "__main__":
