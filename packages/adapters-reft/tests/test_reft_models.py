@@ -178,3 +178,44 @@ def test_generate_edits_prompt_once_and_matches_full_reforward(monkeypatch):
         base_logits = model(input_ids=ids, attention_mask=mask).logits
     assert (edited_logits - base_logits).abs().max() > 1e-3
     assert plain.shape == seq.shape
+
+
+@pytest.mark.parametrize("config", ["loreft[r=2, prefix_positions=2, suffix_positions=2]",
+                                    "loreft[r=2, prefix_positions=1, suffix_positions=3, tied_weights=False]"])
+def test_packed_sequences_are_edited_each_on_its_own(config):
+    """Sequences packed into one row (``position_ids`` restarting at 0, no attention mask, as
+    DataCollatorWithFlattening makes them): every sequence gets its own prefix and suffix edits."""
+    from adapters.context import ForwardContext, pop_context, push_context
+
+    model = tiny_model("qwen3", "causal_lm")
+    adapters.init(model)
+    model.add_adapter("r", config=config, set_active=True)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model._adapters_state.adapter_parameters("r"):
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    layer = model._adapters_state.layers("r")[0]
+    lengths = [5, 1, 7]
+    h = torch.randn(1, sum(lengths), model.config.hidden_size, generator=gen)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    with torch.no_grad():
+        push_context(ForwardContext(position_ids=position_ids))
+        try:
+            packed = layer.edit(h)
+        finally:
+            pop_context()
+        push_context(ForwardContext())
+        try:
+            pieces = [layer.edit(part) for part in torch.split(h, lengths, dim=1)]
+        finally:
+            pop_context()
+    torch.testing.assert_close(packed, torch.cat(pieces, dim=1), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(packed, h)
+    # the whole row as one sequence would edit other tokens (the packing is what changes the result)
+    with torch.no_grad():
+        push_context(ForwardContext())
+        try:
+            unpacked = layer.edit(h)
+        finally:
+            pop_context()
+    assert not torch.allclose(unpacked, packed)
