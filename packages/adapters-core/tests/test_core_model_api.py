@@ -325,12 +325,12 @@ def test_adapter_summary_shows_a_trainable_task_head_apart_from_the_frozen_base(
 
 
 # ------------------------------------------------------------------------------------------ training
-def test_train_adapter_freezes_base_keeps_head_and_unfreezes_only_the_named_adapter(toy):
+def test_train_adapter_trains_exactly_the_adapter_and_the_task_head(toy):
     model, inputs = _model("qwen3", "seq_cls")
     model.add_adapter("a", config=toy.NAME)
     model.add_adapter("b", config=toy.NAME)
     head = model.score.weight
-    assert head.requires_grad
+    head.requires_grad_(False)
     model.train_adapter("a")
     assert model.training
     assert model.active_adapters == adapters.Stack("a")
@@ -340,11 +340,8 @@ def test_train_adapter_freezes_base_keeps_head_and_unfreezes_only_the_named_adap
     for name, p in model.model.named_parameters():
         assert p.requires_grad == (id(p) in adapter_a), name
     assert all(not p.requires_grad for p in state.adapter_parameters("b"))
-    assert head.requires_grad  # the head lies outside the base model: left as it was
-    head.requires_grad_(False)
-    model.train_adapter("a")
-    assert not head.requires_grad
-    # a few SGD steps move only adapter "a" (and nothing frozen)
+    assert head.requires_grad  # a task head outside the base model trains with the adapter
+    # a few SGD steps move exactly adapter "a" and the head
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     labels = torch.tensor([0, 1])
@@ -353,8 +350,7 @@ def test_train_adapter_freezes_base_keeps_head_and_unfreezes_only_the_named_adap
         model(**inputs, labels=labels).loss.backward()
         opt.step()
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert moved and all(".adapters.a." in n for n in moved)
-    assert len(moved) == len(adapter_a)
+    assert moved == {n for n, p in model.named_parameters() if id(p) in adapter_a} | {"score.weight"}
     assert not adapter_b & {id(p) for n, p in model.named_parameters() if n in moved}
     # train_embeddings unfreezes the embeddings too; freeze_model(False) unfreezes the base
     model.train_adapter("a", train_embeddings=True)

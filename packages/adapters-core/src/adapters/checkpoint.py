@@ -29,6 +29,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "WEIGHTS_FILE_PT",
     "HEAD_FILE",
+    "EMBEDDINGS_FILE",
     "LoadedCheckpoint",
     "READERS",
     "save_adapter",
@@ -41,6 +42,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 WEIGHTS_FILE_PT = "adapter.bin"
 HEAD_FILE = "head.safetensors"
+EMBEDDINGS_FILE = "embeddings.safetensors"
 FUSION_CONFIG_FILE = "adapter_fusion_config.json"
 FUSION_WEIGHTS_FILE = "adapter_fusion.safetensors"
 
@@ -54,6 +56,8 @@ class LoadedCheckpoint:
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     head: dict[str, torch.Tensor] | None = None
+    #: the input embeddings' tensors (keys relative to the interface's ``model_embeddings``), when trained
+    embeddings: dict[str, torch.Tensor] | None = None
     source: str = ""
     #: For formats whose mapping depends on the target model (PEFT module paths): called by
     #: :func:`apply_checkpoint` before anything changes; returns the checkpoint in native form.
@@ -87,16 +91,42 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def _head_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters of the model outside its base model, skipping any tied to a base-model tensor."""
+    """The task head: parameters outside the base model, skipping any tied to a base-model tensor and the
+    output embeddings (``lm_head``) unless they are trainable (frozen by ``train_adapter``, so unchanged)."""
     state = _state(model)
     base_ptrs = {p.data_ptr() for p in state.points.base_model.parameters()}
     base_ids = {id(p) for p in state.points.base_model.parameters()}
+    getter = getattr(model, "get_output_embeddings", None)
+    output = getter() if callable(getter) else None
+    frozen_output = set()
+    if isinstance(output, nn.Module):
+        frozen_output = {id(p) for p in output.parameters() if not p.requires_grad}
     out = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in base_ids or p.data_ptr() in base_ptrs or name.startswith("adapters_shared."):
+        skip = id(p) in base_ids or id(p) in frozen_output or p.data_ptr() in base_ptrs
+        if skip or name.startswith("adapters_shared."):
             continue
         out[name] = p.detach().clone().contiguous()
     return out
+
+
+def _embedding_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The input embeddings' tensors when a training setup made them trainable (``train_embeddings=True``,
+    or unfrozen by hand after ``train_adapter``)."""
+    state = _state(model)
+    point = state.points.embeddings
+    if state.training is None or point is None or not any(p.requires_grad for p in point.module.parameters()):
+        return {}
+    return {k: v.detach().clone().contiguous() for k, v in point.module.state_dict().items()}
+
+
+def _unsaved_trainable(model: nn.Module, saved: set[int]) -> list[str]:
+    """Names of trainable base-model parameters that no file of this adapter holds."""
+    state = _state(model)
+    adapter_ids = {id(p) for n in state.adapters for p in state.adapter_parameters(n)}
+    adapter_ids |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
+    return [name for name, p in state.points.base_model.named_parameters()
+            if p.requires_grad and id(p) not in adapter_ids and id(p) not in saved]
 
 
 def _meta(model: nn.Module, name: str) -> dict[str, Any]:
@@ -119,17 +149,23 @@ def _meta(model: nn.Module, name: str) -> dict[str, Any]:
     }
 
 
-def save_adapter(model: nn.Module, directory: str, name: str, *, with_head: bool = False,
+def save_adapter(model: nn.Module, directory: str, name: str, *, with_head: bool = True,
                  use_safetensors: bool = True, custom_interface: bool | None = None, format: str = "native") -> None:
-    """Write adapter ``name`` to ``directory``.
+    """Write adapter ``name`` and everything its training could have changed to ``directory``.
 
     ``format="peft"`` (or another foreign format known to :mod:`adapters.compat`) writes that format instead.
 
     Files: ``adapter_config.json`` (keys ``config``, ``name``, ``model_type``, ``model_name``,
     ``model_class``, ``hidden_size``, ``version``), ``adapter.safetensors`` (or ``adapter.bin`` with
-    ``use_safetensors=False``) holding only this adapter's tensors, ``head.safetensors`` with
-    ``with_head=True``, and ``adapter_interface.json`` when the model uses an interface that is not
-    the one registered for its model type.
+    ``use_safetensors=False``) holding only this adapter's tensors, ``head.safetensors`` (the task
+    head; the default, as in AdapterHub; the output embeddings only when they are trainable),
+    ``embeddings.safetensors`` when the input embeddings are trainable (``train_embeddings=True``), and
+    ``adapter_interface.json`` when the model uses an interface that is not the one registered for its
+    model type.
+
+    :raises AdapterError: after ``train_adapter``, other base-model weights were made trainable: they
+        would not be saved (the message names them). Without ``train_adapter`` the whole model is
+        trainable; a warning then says that only the adapter (head, embeddings) is written.
     """
     if format != "native":
         from .compat import save_foreign
@@ -139,6 +175,21 @@ def save_adapter(model: nn.Module, directory: str, name: str, *, with_head: bool
     state = _state(model)
     tensors = adapter_tensors(model, name)
     meta = _meta(model, name)
+    head = _head_tensors(model) if with_head else {}
+    embeddings = _embedding_tensors(model)
+    kept = {id(p) for p in state.points.embeddings.module.parameters()} if embeddings else set()
+    unsaved = _unsaved_trainable(model, kept)
+    if unsaved:
+        listed = ", ".join(unsaved[:5]) + (f" ... ({len(unsaved)} in all)" if len(unsaved) > 5 else "")
+        if state.training is not None:
+            raise AdapterError(
+                f"save_adapter would drop trained weights: base-model parameters {listed} are trainable but belong "
+                f"to no adapter. Freeze them (requires_grad_(False)) or save the whole model (save_pretrained).")
+        import warnings
+
+        warnings.warn(f"save_adapter writes adapter '{name}' only: the base model's own weights ({listed}) are "
+                      f"trainable and are not saved. Call model.train_adapter('{name}') to train the adapter alone.",
+                      UserWarning, stacklevel=3)
     os.makedirs(directory, exist_ok=True)
     if use_safetensors:
         from safetensors.torch import save_file
@@ -146,13 +197,14 @@ def save_adapter(model: nn.Module, directory: str, name: str, *, with_head: bool
         save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt", "adapter": name})
     else:
         torch.save(tensors, os.path.join(directory, WEIGHTS_FILE_PT))
-    if with_head:
-        head = _head_tensors(model)
-        if head:
-            from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
-            save_file(head, os.path.join(directory, HEAD_FILE), metadata={"format": "pt"})
-            meta["head"] = sorted(head)
+    if head:
+        save_file(head, os.path.join(directory, HEAD_FILE), metadata={"format": "pt"})
+        meta["head"] = sorted(head)
+    if embeddings:
+        save_file(embeddings, os.path.join(directory, EMBEDDINGS_FILE), metadata={"format": "pt"})
+        meta["embeddings"] = sorted(embeddings)
     with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=2, sort_keys=True)
     if custom_interface is None:
@@ -222,8 +274,11 @@ def read_native(directory: str) -> LoadedCheckpoint | None:
     tensors = read_tensors(existing[0])
     head_path = os.path.join(directory, HEAD_FILE)
     head = read_tensors(head_path) if os.path.exists(head_path) else None
+    embeddings_path = os.path.join(directory, EMBEDDINGS_FILE)
+    embeddings = read_tensors(embeddings_path) if os.path.exists(embeddings_path) else None
     return LoadedCheckpoint(name=str(meta.get("name") or os.path.basename(os.path.normpath(directory))),
-                            config=config, tensors=tensors, meta=meta, head=head, source=directory)
+                            config=config, tensors=tensors, meta=meta, head=head, embeddings=embeddings,
+                            source=directory)
 
 
 def _resolve_directory(path: str, **hub_kwargs: Any) -> str:
@@ -292,6 +347,8 @@ def apply_checkpoint(model: nn.Module, loaded: LoadedCheckpoint, *, load_as: str
         _fill(model, name, loaded.tensors, source)
         if with_head and loaded.head:
             _load_head(model, loaded.head, source)
+        if loaded.embeddings:
+            _load_embeddings(model, loaded.embeddings, source)
     except BaseException:
         model.delete_adapter(name)
         raise
@@ -340,6 +397,20 @@ def _load_head(model: nn.Module, head: dict[str, torch.Tensor], source: str) -> 
     with torch.no_grad():
         for key, tensor in head.items():
             params[key].copy_(tensor.to(params[key].dtype))
+
+
+def _load_embeddings(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    point = _state(model).points.embeddings
+    if point is None:
+        raise CheckpointError(f"{source}: the checkpoint holds trained input embeddings, but this model's interface "
+                              "names no model_embeddings.")
+    own = point.module.state_dict()
+    if set(own) != set(tensors) or any(own[k].shape != tensors[k].shape for k in own):
+        raise CheckpointError(f"{source}: the saved input embeddings {sorted(tensors)} do not fit this model's "
+                              f"({ {k: list(v.shape) for k, v in own.items()} }).")
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            own[key].copy_(tensor.to(own[key].dtype))
 
 
 def save_adapter_fusion(model: nn.Module, directory: str, fusion_name: str) -> None:

@@ -22,7 +22,7 @@ from .interface import AdapterModelInterface
 from .method import AdapterConfig, AdapterLayer, AttachSite
 from .plugins import registry
 from .points import InterfaceError, resolve_points
-from .state import AdapterRecord, AdapterState, FusionRecord, _names
+from .state import AdapterRecord, AdapterState, FusionRecord, TrainingSetup, _names
 
 __all__ = ["init", "AdapterModelMixin", "load_model"]
 
@@ -195,6 +195,11 @@ class AdapterModelMixin:
         for module in state.shared_modules(adapter_name).values():
             module.train(self.training)
         state.adapters[adapter_name] = AdapterRecord(adapter_name, config, methods)
+        if state.training is not None and adapter_name not in state.training.adapters:
+            # a training setup is in force: a new adapter outside it must not train along with it
+            # (DDP would wait for its gradients, an optimizer would pick it up)
+            for p in state.adapter_parameters(adapter_name):
+                p.requires_grad_(False)
         state.refresh()
         if set_active:
             self.set_active_adapters(adapter_name)
@@ -250,32 +255,50 @@ class AdapterModelMixin:
         self._adapters_state.activate(adapter_setup)
 
     def train_adapter(self, adapter_setup: Any, train_embeddings: bool = False) -> None:
-        """Freeze the base model, make only the adapters of ``adapter_setup`` trainable, activate
-        the setup and switch to train mode. Task heads outside the base model keep their state."""
+        """Train exactly the adapters of ``adapter_setup``: activate it, switch to train mode and set
+        ``requires_grad`` so that the trainable parameters are the adapters in the setup, the task
+        heads outside the base model (``classifier``, ``score``; never the output embeddings,
+        ``get_output_embeddings()``, tied or not) and, with ``train_embeddings=True``, the input
+        embeddings. Everything else is frozen; :meth:`save_adapter` writes all of it back.
+        Adapters added or loaded later stay frozen unless they belong to this setup.
+        """
         state = self._adapters_state
         parsed = ac.parse_composition(adapter_setup)
         if parsed is None:
             raise AdapterError("train_adapter needs at least one adapter name.")
         state.validate_setup(parsed)
-        names = _names(parsed)
+        self._set_trainable(set(_names(parsed)), set(), train_embeddings)
+        state.activate(parsed)
+        self.train()
+
+    def _set_trainable(self, adapter_names: set[str], fusion_names: set[str], train_embeddings: bool) -> None:
+        """The one place that decides ``requires_grad`` for a training setup (see :meth:`train_adapter`)."""
+        state = self._adapters_state
         self._freeze_base(True)
         # by id, so a parameter shared (share_parameters) with a trained adapter stays trainable
-        trained = {id(p) for name in names for p in state.adapter_parameters(name)}
+        trained = {id(p) for name in adapter_names for p in state.adapter_parameters(name)}
+        trained |= {id(p) for fusion in fusion_names for p in state.fusion_parameters(fusion)}
         for name in state.adapters:
             for p in state.adapter_parameters(name):
                 p.requires_grad_(id(p) in trained)
         for fusion in state.fusions:
             for p in state.fusion_parameters(fusion):
-                p.requires_grad_(False)
+                p.requires_grad_(id(p) in trained)
+        for p in _head_parameters(self):
+            p.requires_grad_(True)
+        for p in _output_embedding_parameters(self):
+            p.requires_grad_(False)
         if train_embeddings and state.points.embeddings is not None:
             for p in state.points.embeddings.module.parameters():
                 p.requires_grad_(True)
-        state.activate(parsed)
-        self.train()
+        state.training = TrainingSetup(frozenset(adapter_names), frozenset(fusion_names), bool(train_embeddings))
 
     def freeze_model(self, freeze: bool = True) -> None:
-        """Freeze (or unfreeze) every weight of the base model except adapter weights."""
+        """Freeze (or unfreeze) every weight of the base model except adapter weights. Unfreezing ends
+        the training setup of :meth:`train_adapter` (the whole model is then yours to train)."""
         self._freeze_base(freeze)
+        if not freeze:
+            self._adapters_state.training = None
 
     def _freeze_base(self, freeze: bool) -> None:
         state = self._adapters_state
@@ -446,14 +469,7 @@ class AdapterModelMixin:
         fusions = _fuse_blocks(parsed)
         if not fusions:
             raise CompositionError("train_adapter_fusion: the setup contains no Fuse block.")
-        self._freeze_base(True)
-        names = _names(parsed)
-        for name in state.adapters:
-            for p in state.adapter_parameters(name):
-                p.requires_grad_(unfreeze_adapters and name in names)
-        for fusion in state.fusions:
-            for p in state.fusion_parameters(fusion):
-                p.requires_grad_(fusion in fusions)
+        self._set_trainable(set(_names(parsed)) if unfreeze_adapters else set(), fusions, False)
         state.activate(parsed)
         self.train()
 
@@ -508,9 +524,10 @@ class AdapterModelMixin:
         return "\n".join(lines)
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def save_adapter(self, save_directory: str, adapter_name: str, with_head: bool = False,
+    def save_adapter(self, save_directory: str, adapter_name: str, with_head: bool = True,
                      use_safetensors: bool = True, **kwargs: Any) -> None:
-        """Save one adapter (config + weights) to ``save_directory``; see :mod:`adapters.checkpoint`."""
+        """Save one adapter with everything its training could have changed (task head, trained
+        embeddings) to ``save_directory``; see :func:`adapters.checkpoint.save_adapter`."""
         from .checkpoint import save_adapter
 
         save_adapter(self, save_directory, adapter_name, with_head=with_head, use_safetensors=use_safetensors,
@@ -524,7 +541,7 @@ class AdapterModelMixin:
         return load_adapter(self, adapter_name_or_path, load_as=load_as, set_active=set_active, with_head=with_head,
                             **kwargs)
 
-    def save_all_adapters(self, save_directory: str, with_head: bool = False, use_safetensors: bool = True) -> None:
+    def save_all_adapters(self, save_directory: str, with_head: bool = True, use_safetensors: bool = True) -> None:
         """Save every adapter into ``save_directory/<name>``."""
         import os
 
@@ -580,6 +597,23 @@ def _fusion_names(setup: Any) -> set[str]:
 
 def _unique_parameters(module: nn.Module) -> list[nn.Parameter]:
     return list({id(p): p for p in module.parameters()}.values())
+
+
+def _output_embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the model's output embeddings (LM head), tied or not; empty when it has none."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return list(head.parameters()) if isinstance(head, nn.Module) else []
+
+
+def _head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Task-head parameters: outside the base model, not adapter weights, not the output embeddings."""
+    state = model._adapters_state
+    inside = {id(p) for p in state.points.base_model.parameters()}
+    inside |= {id(p) for n in state.adapters for p in state.adapter_parameters(n)}
+    inside |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
+    inside |= {id(p) for p in _output_embedding_parameters(model)}
+    return [p for p in _unique_parameters(model) if id(p) not in inside]
 
 
 def _undo_attach(state: AdapterState, site: AttachSite, name: str) -> None:

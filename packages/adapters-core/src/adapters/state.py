@@ -32,7 +32,7 @@ from .plan import (
 )
 from .points import ModelPoints
 
-__all__ = ["AdapterRecord", "AdapterState", "PlanTable", "SHARED_ATTR"]
+__all__ = ["AdapterRecord", "AdapterState", "PlanTable", "TrainingSetup", "SHARED_ATTR"]
 
 #: Attribute of the model root that holds model-level adapter modules (``nn.ModuleDict``).
 SHARED_ATTR = "adapters_shared"
@@ -63,6 +63,15 @@ class FusionRecord:
     config: Any = None
 
 
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What :meth:`train_adapter` / ``train_adapter_fusion`` made trainable (``state.training``)."""
+
+    adapters: frozenset[str]
+    fusions: frozenset[str]
+    embeddings: bool
+
+
 @dataclass
 class AdapterState:
     """Everything ``adapters.init`` attaches to a model (``model._adapters_state``).
@@ -82,6 +91,7 @@ class AdapterState:
     forward_params: list[str] = field(default_factory=list)
     frame_handles: list[Any] = field(default_factory=list)
     default: PlanTable | None = None
+    training: TrainingSetup | None = None
     token: int = field(default_factory=lambda: next(_TOKENS))
     _layers: list[AdapterLayer] | None = None
     _plan_cache: dict[Any, PlanTable] = field(default_factory=dict)
