@@ -147,7 +147,7 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
         "modules": [(n, type(m)) for n, m in model.named_modules()],
         "adapters": list(state.adapters),
         "active": state.active,
-        "merged": state.merged,
+        "merged": list(state.merged),
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
     }
 

@@ -240,8 +240,9 @@ def test_merge_rules(toy, loaded):
     model, _ = loaded
     model.add_adapter("t", config=toy.NAME)
     model.merge_adapter("s")
-    _expect_unchanged(toy, model, AdapterError, lambda: model.merge_adapter("t"), "already merged")
+    _expect_unchanged(toy, model, AdapterError, lambda: model.merge_adapter("s"), "already merged")
     _expect_unchanged(toy, model, AdapterError, lambda: model.delete_adapter("s"), "reset_adapter")
+    _expect_unchanged(toy, model, CompositionError, lambda: model.set_active_adapters(None), "merged")
     _expect_unchanged(toy, model, CompositionError, lambda: model.set_active_adapters("t"), "merged")
     model.set_active_adapters(["s", "t"])  # a stack that includes the merged adapter is allowed
     model.reset_adapter()

@@ -232,8 +232,18 @@ class AdapterLinear(AdapterLayer):
 
     # -- merging ---------------------------------------------------------------------------------
     def begin_merge(self) -> None:
-        """Keep an exact copy of the weight and bias for :meth:`unmerge_adapter`."""
-        self._backup = (self.weight.detach().clone(), None if self.bias is None else self.bias.detach().clone())
+        """Keep an exact copy of the original weight and bias for :meth:`unmerge_adapter` (at the first
+        merge only: later merges add to the weights, and unmerging restores the original)."""
+        if self._backup is None:
+            self._backup = (self.weight.detach().clone(), None if self.bias is None else self.bias.detach().clone())
+
+    @property
+    def is_merged(self) -> bool:
+        """Whether some adapter is merged into this projection's weights."""
+        return self._backup is not None
+
+    def keep_merged(self) -> None:
+        self._backup = None
 
     def write_weight_rows(self, rows: Rows, new_rows: torch.Tensor) -> None:
         """Overwrite the weight's output ``rows`` with ``new_rows`` (out_rows × in, any float dtype)."""
@@ -246,7 +256,8 @@ class AdapterLinear(AdapterLayer):
                 self.weight.index_copy_(0, index, value)
 
     def unmerge_adapter(self, name: str) -> None:
-        """Restore the weight (and bias) saved by :meth:`begin_merge`, bit for bit."""
+        """Restore the original weight (and bias) saved by :meth:`begin_merge`, bit for bit (this undoes
+        every merge at this projection)."""
         if self._backup is None:
             return
         weight, bias = self._backup

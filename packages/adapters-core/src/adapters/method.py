@@ -275,6 +275,16 @@ class AdapterMethod:
         """Place adapter ``name`` on the model through ``site`` (required)."""
         raise NotImplementedError
 
+    def average_config(self, config: AdapterConfig, combine_strategy: str, **kwargs: Any) -> AdapterConfig:
+        """The config of an adapter made by ``average_adapter(..., combine_strategy, **kwargs)`` from
+        adapters of ``config`` (optional). The default takes no arguments and keeps the config.
+
+        :raises AdapterError: an argument the strategy does not take."""
+        if kwargs:
+            raise AdapterError(f"average_adapter: method '{self.name}' takes no arguments {sorted(kwargs)} for "
+                               f"combine_strategy={combine_strategy!r}.")
+        return config
+
     def after_delete(self, state: AdapterState, name: str) -> None:
         """Clean model-level resources of a deleted adapter (optional)."""
 
@@ -367,6 +377,9 @@ class AdapterLayer(nn.Module):
     def unmerge_adapter(self, name: str) -> None:
         """Undo :meth:`merge_adapter` exactly."""
         raise AdapterError(f"{type(self).__name__} cannot merge adapters.")
+
+    def keep_merged(self) -> None:
+        """Make what is merged the base weights for good (``merge_and_unload``): drop restore points."""
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Tensors to save for adapter ``name``, with keys local to this layer."""

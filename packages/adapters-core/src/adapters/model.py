@@ -19,7 +19,7 @@ from . import composition as ac
 from .errors import AdapterError, CompositionError
 from .forward import generate_with_setup, post_forward, pre_forward
 from .interface import AdapterModelInterface
-from .method import AdapterConfig, AdapterLayer, AttachSite
+from .method import AdapterConfig, AttachSite
 from .plugins import registry
 from .points import InterfaceError, resolve_points
 from .state import AdapterRecord, AdapterState, FusionRecord, TrainingSetup, _names
@@ -177,7 +177,7 @@ class AdapterModelMixin:
             methods.append(method)
         was_active = state.active is not None and adapter_name in _names(state.active)
         if adapter_name in state.adapters:
-            if state.merged == adapter_name:
+            if adapter_name in state.merged:
                 raise AdapterError(f"Adapter '{adapter_name}' is merged; call reset_adapter() before overwriting it.")
             if was_active:
                 state.activate(None)
@@ -208,7 +208,7 @@ class AdapterModelMixin:
         """Remove an adapter and every module it added; the model returns to its earlier state."""
         state = self._adapters_state
         record = state.record(adapter_name)
-        if state.merged == adapter_name:
+        if adapter_name in state.merged:
             raise AdapterError(f"Adapter '{adapter_name}' is merged into the weights; call reset_adapter() first.")
         for fusion in [f for f in state.fusions.values() if adapter_name in f.adapter_names]:
             self.delete_adapter_fusion(fusion.name)
@@ -310,43 +310,24 @@ class AdapterModelMixin:
 
     # -- merging ---------------------------------------------------------------------------------
     def merge_adapter(self, name: str) -> None:
-        """Fold adapter ``name`` into the base weights so it costs nothing at inference.
+        """Fold adapter ``name`` into the base weights so it costs nothing at inference; several adapters
+        may be merged, in order (see :mod:`adapters.merging`). ``reset_adapter`` undoes all merges."""
+        from .merging import merge_adapter
 
-        Only one adapter can be merged at a time; ``reset_adapter`` undoes it exactly. While merged
-        the adapter stays active (every setup must include it).
-        """
-        state = self._adapters_state
-        record = state.record(name)
-        cannot = [m.name for m in record.methods if not m.can_merge]
-        if cannot:
-            raise AdapterError(f"Adapter '{name}' cannot be merged: method(s) {cannot} do not support merging.")
-        if state.merged is not None:
-            raise AdapterError(f"Adapter '{state.merged}' is already merged; call reset_adapter() first.")
-        done: list[AdapterLayer] = []
-        try:
-            for layer in state.layers(name):
-                layer.merge_adapter(name)
-                done.append(layer)
-        except BaseException:
-            for layer in done:
-                layer.unmerge_adapter(name)
-            raise
-        state.merged = name
-        active = state.active
-        if active is None or name not in (active.children if isinstance(active, ac.Stack) else [active]):
-            state.active = name
-        state.refresh()
+        merge_adapter(self, name)
 
     def reset_adapter(self) -> None:
-        """Undo :meth:`merge_adapter`: restore the base weights exactly."""
-        state = self._adapters_state
-        if state.merged is None:
-            return
-        name = state.merged
-        for layer in state.layers(name):
-            layer.unmerge_adapter(name)
-        state.merged = None
-        state.refresh()
+        """Undo every :meth:`merge_adapter`: restore the base weights exactly, and the setup active before."""
+        from .merging import reset_adapter
+
+        reset_adapter(self)
+
+    def merge_and_unload(self, adapter_names: str | Sequence[str] | None = None) -> nn.Module:
+        """Merge (``None``: the active setup) and return this model as a plain transformers model, for
+        ``save_pretrained`` and serving; see :func:`adapters.merging.merge_and_unload`."""
+        from .merging import merge_and_unload
+
+        return merge_and_unload(self, adapter_names)
 
     # -- averaging and sharing -------------------------------------------------------------------
     def average_adapter(self, adapter_name: str, adapter_list: Sequence[str], weights: Sequence[float] | None = None,
@@ -354,8 +335,12 @@ class AdapterModelMixin:
                         **kwargs: Any) -> None:
         """Create ``adapter_name`` whose weights combine those of ``adapter_list``.
 
-        ``combine_strategy="linear"`` averages every weight; methods may offer more (LoRA: SVD of
-        the averaged delta). All adapters must share the same config.
+        ``combine_strategy="linear"`` averages every weight; methods may offer more (LoRA:
+        ``"lora_linear_only_negate_b"``, ``"lora_delta_w_svd"`` with ``svd_rank``). All adapters must
+        share the same config. Every argument is honoured or refused: the method decides the new
+        adapter's config from the strategy and its arguments (:meth:`AdapterMethod.average_config`).
+
+        :raises AdapterError: unknown strategy or argument, configs differ, weights do not fit.
         """
         state = self._adapters_state
         records = [state.record(n) for n in adapter_list]
@@ -376,7 +361,10 @@ class AdapterModelMixin:
             if total == 0:
                 raise AdapterError("average_adapter weights sum to 0.")
             weights = [w / total for w in weights]
-        self.add_adapter(adapter_name, base)
+        config = base
+        for method in records[0].methods:
+            config = method.average_config(config, combine_strategy, **kwargs)
+        self.add_adapter(adapter_name, config)
         try:
             sources = list(zip(adapter_list, weights))
             for layer in state.layers(adapter_name):
@@ -499,7 +487,7 @@ class AdapterModelMixin:
                     "train": any(p.requires_grad for p in params), "merged": merged}
 
         rows = [row(name, "+".join(record.method_names), state.adapter_parameters(name), name in active,
-                    state.merged == name) for name, record in state.adapters.items()]
+                    name in state.merged) for name, record in state.adapters.items()]
         rows += [row(f"Fuse[{fusion_name}]", f"{fusion.method.name}-fusion", state.fusion_parameters(fusion_name),
                      fusion_name in active_fusions) for fusion_name, fusion in state.fusions.items()]
         if head_params:

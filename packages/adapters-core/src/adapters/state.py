@@ -86,7 +86,10 @@ class AdapterState:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     fusions: dict[str, FusionRecord] = field(default_factory=dict)
     active: ac.AdapterCompositionBlock | str | None = None
-    merged: str | None = None
+    #: adapters merged into the base weights, in merge order (see adapters.merging)
+    merged: list[str] = field(default_factory=list)
+    pre_merge_active: Any = None
+    merge_active: Any = None
     hook_handles: list[Any] = field(default_factory=list)
     forward_params: list[str] = field(default_factory=list)
     frame_handles: list[Any] = field(default_factory=list)
@@ -220,19 +223,21 @@ class AdapterState:
                 )
 
         if setup is None:
-            if self.merged is not None:
+            if self.merged:
                 raise CompositionError(
-                    f"Adapter '{self.merged}' is merged into the base weights; call model.reset_adapter() "
-                    "before deactivating it."
+                    f"Adapter(s) {self.merged} are merged into the base weights, so the bare base model is not "
+                    "available (set_active_adapters(None) and AdapterSetup(None) alike); call "
+                    "model.reset_adapter() first."
                 )
             return
         visit(setup, [])
-        if self.merged is not None:
+        if self.merged:
             top = setup.children if isinstance(setup, ac.Stack) else [setup]
-            if self.merged not in top:
+            missing = [n for n in self.merged if n not in top]
+            if missing:
                 raise CompositionError(
-                    f"Adapter '{self.merged}' is merged into the base weights, so every setup must include it "
-                    "(alone or in a top-level Stack). Call model.reset_adapter() first to use another setup."
+                    f"Adapter(s) {missing} are merged into the base weights, so every setup must include them "
+                    "(in a top-level Stack). Call model.reset_adapter() first to use another setup."
                 )
 
     def table(self, setup: ac.AdapterCompositionBlock | str | None) -> PlanTable:
@@ -306,14 +311,14 @@ def _names(setup: ac.AdapterCompositionBlock | str) -> list[str]:
     return [setup] if isinstance(setup, str) else setup.flatten()
 
 
-def _restrict(node: ac.AdapterCompositionBlock | str, layer: AdapterLayer, merged: str | None) -> PlanNode | None:
+def _restrict(node: ac.AdapterCompositionBlock | str, layer: AdapterLayer, merged: list[str]) -> PlanNode | None:
     plan = _restrict_node(node, layer, merged)
     return None if plan is IDENTITY else plan
 
 
-def _restrict_node(node: ac.AdapterCompositionBlock | str, layer: AdapterLayer, merged: str | None) -> PlanNode:
+def _restrict_node(node: ac.AdapterCompositionBlock | str, layer: AdapterLayer, merged: list[str]) -> PlanNode:
     if isinstance(node, str):
-        return Leaf(node) if node in layer.adapters and node != merged else IDENTITY
+        return Leaf(node) if node in layer.adapters and node not in merged else IDENTITY
     children = tuple(_restrict_node(c, layer, merged) for c in node.children)
     if isinstance(node, ac.Stack):
         kept = tuple(c for c in children if c is not IDENTITY)

@@ -400,18 +400,37 @@ class LoRALinear(AdapterLinear):
         """Fill adapter ``name`` from ``sources`` (``(name, weight)`` pairs).
 
         ``"linear"``: every tensor (``A`` and ``B`` separately) is the weighted average.
+        ``"lora_linear_only_negate_b"``: like ``linear``, but ``A`` is averaged with the weights' absolute
+        values, so a negative weight negates only ``B`` (``w = -1`` subtracts an adapter's delta exactly,
+        as in AdapterHub's task arithmetic).
         ``"lora_delta_w_svd"``: the weighted average of the deltas ``ΔW = s·BA`` is truncated to
-        rank ``r`` by SVD and stored as ``A = √Σ Vᵀ``, ``B = U √Σ / s``, so the new adapter's delta is
-        the best rank-``r`` approximation of the averaged delta (exact when that has rank ≤ ``r``).
-        Other tensors (DoRA magnitude, gates) are averaged linearly.
+        the new adapter's rank ``r`` (``svd_rank``) by SVD and stored as ``A = √Σ Vᵀ``, ``B = U √Σ / s``,
+        so its delta is the best rank-``r`` approximation of the averaged delta (exact when that has
+        rank ≤ ``r``). Other tensors (DoRA magnitude, gates) are averaged linearly.
         """
         if combine_strategy == "linear":
-            super().average_adapter(name, sources, combine_strategy, **kwargs)
+            super().average_adapter(name, sources, combine_strategy)
+            return
+        if combine_strategy == "lora_linear_only_negate_b":
+            self._average_negate_b(name, sources)
             return
         if combine_strategy != "lora_delta_w_svd":
-            raise AdapterError(f"LoRA supports combine_strategy 'linear' or 'lora_delta_w_svd', "
-                               f"not {combine_strategy!r}.")
-        super().average_adapter(name, sources, "linear")  # magnitudes, gates: linear
+            raise AdapterError(f"LoRA supports combine_strategy 'linear', 'lora_linear_only_negate_b' or "
+                               f"'lora_delta_w_svd', not {combine_strategy!r}.")
+        for key, target in self.units(name).items():  # other tensors average linearly; A, B come from the SVD
+            for src, _ in sources:
+                unit = self.units(src)[key]
+                if type(unit) is not type(target):
+                    raise AdapterError(f"combine_strategy='lora_delta_w_svd': '{src}' and '{name}' differ at "
+                                       f"{self.location}.")
+        with torch.no_grad():
+            for key, target in self.units(name).items():
+                state = target.state_dict()
+                for tensor_name, tensor in state.items():
+                    if tensor_name in ("lora_A", "lora_B"):
+                        continue
+                    mixed = sum(w * self.units(src)[key].state_dict()[tensor_name].float() for src, w in sources)
+                    tensor.copy_(mixed.to(tensor.dtype))
         for key, target in self.units(name).items():
             if type(target) not in (LoRADelta, DoRADelta):
                 raise AdapterError(f"combine_strategy='lora_delta_w_svd' needs plain LoRA or DoRA adapters, "
@@ -429,19 +448,50 @@ class LoRALinear(AdapterLinear):
                 target.lora_A.copy_(new_a)
                 target.lora_B.copy_(new_b)
 
+    def _average_negate_b(self, name: str, sources: list[tuple[str, float]]) -> None:
+        with torch.no_grad():
+            for key, target in self.units(name).items():
+                if type(target) not in (LoRADelta, DoRADelta, MTLLoRADelta):
+                    raise AdapterError("combine_strategy='lora_linear_only_negate_b' needs LoRA adapters, not "
+                                       f"{type(target).__name__}.")
+                for tensor_name, tensor in target.state_dict().items():
+                    absolute = tensor_name == "lora_A"  # A with |w|: a negative weight flips only B
+                    mixed = sum((abs(w) if absolute else w) * self.units(src)[key].state_dict()[tensor_name].float()
+                                for src, w in sources)
+                    tensor.copy_(mixed.to(tensor.dtype))
+
     # -- merging ---------------------------------------------------------------------------------
     def merge_adapter(self, name: str) -> None:
         """Fold adapter ``name`` into ``weight`` (and, for IA3, ``bias``); an exact backup is kept.
 
-        An MTL-LoRA adapter merges its own task: ``W ← W + s·Σ_i softmax(w_t/τ)_i B_i Λ_t A``.
+        An MTL-LoRA adapter merges its own task: ``W ← W + s·Σ_i softmax(w_t/τ)_i B_i Λ_t A``. Several
+        adapters merge in order (LoRA deltas add, IA3 scales what is there); DoRA normalises by the
+        weight it is merged into, so it merges only alone.
+
+        :raises AdapterError: a DoRA adapter onto (or under) another merge, or a gated adapter.
         """
+        dora = any(isinstance(unit, DoRADelta) for unit in self.units(name).values())
+        if self.is_merged and (dora or self.__dict__.get("_merged_dora")):
+            raise AdapterError(f"Cannot merge '{name}' at {self.location}: DoRA normalises by the weight it is merged "
+                               "into, so a DoRA adapter merges only alone. Call reset_adapter() first.")
+        first = not self.is_merged
         self.begin_merge()
         try:
             for unit in self.units(name).values():
                 self._merge_unit(unit)
         except BaseException:
-            self.unmerge_adapter(name)
+            if first:
+                self.unmerge_adapter(name)
             raise
+        self.__dict__["_merged_dora"] = dora
+
+    def unmerge_adapter(self, name: str) -> None:
+        super().unmerge_adapter(name)
+        self.__dict__["_merged_dora"] = False
+
+    def keep_merged(self) -> None:
+        super().keep_merged()
+        self.__dict__["_merged_dora"] = False
 
     def _merge_unit(self, module: nn.Module) -> None:
         if module.gate is not None:

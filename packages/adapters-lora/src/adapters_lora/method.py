@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from adapters.errors import AdapterError
 from adapters.linear import LINEAR_HOOK_POINTS, check_linear_placement, linear_targets
@@ -25,6 +25,18 @@ class LoRAMethod(AdapterMethod):
     supported_blocks = frozenset({"Stack", "BatchSplit", "Average", "MultiTask", "Parallel"})
     hook_points = LINEAR_HOOK_POINTS
     can_merge = True
+
+    def average_config(self, config: LoRAConfig, combine_strategy: str, **kwargs: Any) -> LoRAConfig:
+        """``lora_delta_w_svd`` takes ``svd_rank`` (the new adapter's rank, default: the sources'); the
+        other strategies take no arguments."""
+        if combine_strategy == "lora_delta_w_svd" and set(kwargs) <= {"svd_rank"}:
+            rank = kwargs.get("svd_rank")
+            if rank is None:
+                return config
+            if not isinstance(rank, int) or rank < 1:
+                raise AdapterError(f"average_adapter: svd_rank must be a positive int, got {rank!r}.")
+            return config.replace(r=rank)
+        return super().average_config(config, combine_strategy, **kwargs)
 
     def validate(self, config: LoRAConfig, points: ModelPoints) -> None:
         check_linear_placement(config, points, "LoRA")
