@@ -33,14 +33,16 @@ class Target:
 
 
 def module_targets(model: nn.Module) -> dict[str, Target]:
-    """Every projection hook point of ``model`` keyed by its full module path (self-attention only)."""
+    """Every projection hook point of ``model`` keyed by its full module path (self- and cross-attention:
+    a native LoRA's ``attn_matrices`` adapt both, as PEFT's ``target_modules`` names match both)."""
     state = getattr(model, "_adapters_state", None)
     if state is None:
         raise CheckpointError("This model was not prepared for adapters; call adapters.init(model) first.")
     out: dict[str, Target] = {}
     for lp in state.points.layers:
-        attn = lp.self_attn
-        if attn is not None:
+        for attn in (lp.self_attn, lp.cross_attn):
+            if attn is None:
+                continue
             for which in ("q", "k", "v", "qkv", "o"):
                 point = attn.projection(which)
                 if point is not None:

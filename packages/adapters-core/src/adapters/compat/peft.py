@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -139,12 +140,46 @@ def _resolve(model: nn.Module, cfg: dict[str, Any], modules: dict[str, dict[str,
              weights_path: str, name: str, directory: str) -> LoadedCheckpoint:
     alpha = cfg.get("lora_alpha", 8)
     alpha_pattern = cfg.get("alpha_pattern") or {}
-    if any(v != alpha for v in alpha_pattern.values()):
-        raise CheckpointError(f"{weights_path}: a per-module alpha_pattern {alpha_pattern} is not supported.")
+    rslora = bool(cfg.get("use_rslora", False))
+    # PEFT matches a pattern key against the end of a module's name (or as a regular expression). What
+    # counts is each module's scaling (alpha / r, or alpha / sqrt(r) with rsLoRA): a native adapter has
+    # one, and modules of a smaller rank are padded with zero rows / columns (their delta is unchanged)
+    alphas = {path: next((v for k, v in alpha_pattern.items() if _pattern_matches(k, path)), alpha) for path in modules}
+    ranks = {path: parts["lora_A"].shape[0] for path, parts in modules.items()}
+    scalings = {path: alphas[path] / (math.sqrt(ranks[path]) if rslora else ranks[path]) for path in modules}
+    if max(scalings.values()) - min(scalings.values()) > 1e-9 * max(abs(v) for v in scalings.values()):
+        raise CheckpointError(f"{weights_path}: modules have different LoRA scalings (lora_alpha / r, with "
+                              f"alpha_pattern / rank_pattern: {sorted(set(scalings.values()))}); a native LoRA "
+                              "adapter has one.")
+    rank = max(ranks.values())
+    scaling = next(iter(scalings.values()))
+    alpha = scaling * (math.sqrt(rank) if rslora else rank)
+    if float(alpha).is_integer():
+        alpha = int(alpha)
+    modules = {path: _pad_rank(parts, rank) for path, parts in modules.items()}
     return lora_from_modules(model, modules, weights_path, name, alpha=alpha,
                              dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
                              use_dora=bool(cfg.get("use_dora", False)),
                              use_rslora=bool(cfg.get("use_rslora", False)), what="PEFT LoRA")
+
+
+def _pad_rank(parts: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """``lora_A`` / ``lora_B`` padded with zeros to ``rank`` (``B A`` unchanged)."""
+    a, b = parts["lora_A"], parts["lora_B"]
+    extra = rank - a.shape[0]
+    if extra <= 0:
+        return parts
+    return {**parts, "lora_A": torch.cat([a, a.new_zeros(extra, a.shape[1])], dim=0),
+            "lora_B": torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)}
+
+
+def _pattern_matches(pattern: str, path: str) -> bool:
+    if path == pattern or path.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(rf"(.*\.)?{pattern}", path) is not None
+    except re.error:
+        return False
 
 
 def lora_from_modules(model: nn.Module, modules: dict[str, dict[str, torch.Tensor]], weights_path: str, name: str,
