@@ -113,3 +113,41 @@ def test_save_refuses_a_trainable_weight_it_would_drop(tmp_path):
     assert not any(tmp_path.iterdir())
     model.model.norm.weight.requires_grad_(False)
     model.save_adapter(str(tmp_path), "a")
+
+
+def test_model_api_calls_leave_the_setup_a_user_expects():
+    model = _fresh("qwen3", "base")
+    for name in ("a", "b", "c"):
+        model.add_adapter(name, config="lora")
+    model.set_active_adapters(adapters.Stack("a", "b"))
+    model.add_adapter("a", config="lora[r=4]", overwrite_ok=True)  # replacing an active adapter keeps it active
+    assert model.active_adapters == adapters.Stack("a", "b")
+    model.delete_adapter("b")  # deleting one adapter of a Stack keeps the rest active
+    assert model.active_adapters == adapters.Stack("a")
+    model.set_active_adapters(adapters.Parallel("a", "c"))
+    model.delete_adapter("c")
+    assert model.active_adapters is None
+
+
+@pytest.mark.parametrize("method", ["lora", "seq_bn", "loreft", "vera"])
+def test_adapters_on_a_model_built_without_memory(method):
+    """Built on the meta device, adapters added there, then materialised (``to_empty``) and loaded:
+    the outputs of the model built normally."""
+    import transformers
+
+    real = _fresh("qwen3", "causal_lm")
+    real.add_adapter("a", config=method, set_active=True)
+    real.eval()
+    inputs = tiny_inputs(real, batch=2, seq=6)
+    with torch.no_grad():
+        expected = real(**inputs).logits
+    with torch.device("meta"):
+        model = adapters.init(transformers.Qwen3ForCausalLM(real.config))
+        model.add_adapter("a", config=method, set_active=True)
+    model.to_empty(device="cpu")
+    model.load_state_dict(real.state_dict(), strict=True)
+    for name, buffer in real.named_buffers():  # non-persistent buffers (rotary frequencies) are not in it
+        model.get_buffer(name).copy_(buffer)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)

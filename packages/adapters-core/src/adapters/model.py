@@ -176,12 +176,15 @@ class AdapterModelMixin:
             method.validate(single, state.points)
             methods.append(method)
         was_active = state.active is not None and adapter_name in _names(state.active)
+        previous_setup = state.active
         if adapter_name in state.adapters:
             if adapter_name in state.merged:
                 raise AdapterError(f"Adapter '{adapter_name}' is merged; call reset_adapter() before overwriting it.")
             if was_active:
                 state.activate(None)
             self.delete_adapter(adapter_name)
+        else:
+            was_active = False
         site = AttachSite(state, adapter_name)
         try:
             for method, single in zip(methods, config.configs):
@@ -201,6 +204,11 @@ class AdapterModelMixin:
             for p in state.adapter_parameters(adapter_name):
                 p.requires_grad_(False)
         state.refresh()
+        if was_active:  # an overwritten adapter that was active stays active, in the same setup
+            try:
+                state.activate(previous_setup)
+            except (AdapterError, CompositionError):
+                pass
         if set_active:
             self.set_active_adapters(adapter_name)
 
@@ -213,7 +221,7 @@ class AdapterModelMixin:
         for fusion in [f for f in state.fusions.values() if adapter_name in f.adapter_names]:
             self.delete_adapter_fusion(fusion.name)
         if state.active is not None and adapter_name in _names(state.active):
-            state.activate(None)
+            state.activate(_without(state.active, adapter_name))
         state.remove_modules(adapter_name, state.layers(adapter_name))
         for method in record.methods:
             method.after_delete(state, adapter_name)
@@ -554,6 +562,14 @@ class AdapterModelMixin:
         from .hub import push_adapter_to_hub
 
         return push_adapter_to_hub(self, repo_id, adapter_name, **kwargs)
+
+
+def _without(setup: Any, name: str) -> Any:
+    """``setup`` after deleting adapter ``name``: a Stack loses it, anything else that holds it ends."""
+    if isinstance(setup, ac.Stack) and all(isinstance(c, str) for c in setup.children):
+        rest = [c for c in setup.children if c != name]
+        return None if not rest else rest[0] if len(rest) == 1 else ac.Stack(*rest)
+    return None
 
 
 def _fusion_name(adapter_names: Any) -> str:
