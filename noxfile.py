@@ -17,6 +17,33 @@ nox.options.error_on_missing_interpreters = False
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CONSTRAINTS = ("-c", os.path.join(ROOT, "constraints.txt"))
+
+
+def _local_torch_wheel() -> str | None:
+    """The folder of a CPU torch 2.13.0 wheel that pip would find on this machine (``PIP_FIND_LINKS``)."""
+    for folder in os.environ.get("PIP_FIND_LINKS", "").split():
+        folder = folder.removeprefix("file://")
+        if os.path.isdir(folder) and any(f.startswith("torch-2.13.0+cpu-") and f.endswith(".whl")
+                                         for f in os.listdir(folder)):
+            return folder
+    return None
+
+
+# With uv installed beside nox (scripts/test.sh installs it) and the CPU torch wheel on disk, every session
+# installs through uv, which links packages from one cache: seconds per session instead of a minute of pip
+# unpacking torch again. Elsewhere pip (virtualenv) is used, as before.
+LOCAL_TORCH = _local_torch_wheel()
+try:
+    import uv  # noqa: F401
+
+    HAVE_UV = True
+except ImportError:
+    HAVE_UV = False
+if HAVE_UV and LOCAL_TORCH and os.environ.get("ADAPTERS_NOX_PIP") != "1":
+    nox.options.default_venv_backend = "uv"
+    TORCH = ("--find-links", LOCAL_TORCH, "torch==2.13.0+cpu")
+else:
+    TORCH = ("torch==2.13.0",)
 CORE = "packages/adapters-core"
 METHODS = {
     "lora": "packages/adapters-lora",
@@ -29,8 +56,9 @@ PYTEST = ("python", "-m", "pytest", "-q", "-x", "--durations=5")
 
 
 def _install(session: nox.Session, *paths: str, extra: tuple[str, ...] = ()) -> None:
-    session.install(*CONSTRAINTS, "torch==2.13.0")
-    session.install(*CONSTRAINTS, "pytest", *extra, *[arg for p in paths for arg in ("-e", p)])
+    session.install(*CONSTRAINTS, *TORCH)
+    find_links = ("--find-links", LOCAL_TORCH) if nox.options.default_venv_backend == "uv" else ()
+    session.install(*CONSTRAINTS, *find_links, "pytest", *extra, *[arg for p in paths for arg in ("-e", p)])
 
 
 def _tests(paths: list[str]) -> list[str]:
