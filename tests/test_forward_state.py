@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import pickle
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,7 +33,7 @@ import torch
 import adapters
 import adapters.composition as ac
 from adapters.plugins import registry
-from adapters.testing import replicate_on_cpu, tiny_inputs, tiny_model
+from adapters.testing import ToyEncoder, replicate_on_cpu, tiny_inputs, tiny_model, toy_interface
 
 METHODS = ["lora", "ia3", "dora", "mtl_lora", "seq_bn", "par_bn", "compacter[reduction_factor=4]", "loreft", "vera"]
 ARCHS = ["qwen3", "gpt2", "bert"]
@@ -326,67 +325,22 @@ def test_gradient_checkpointing_gives_the_unchecked_gradients(method, reentrant)
             torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=f"{setup!r}: {name}")
 
 
-class _Block(torch.nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
-        self.attn = torch.nn.ModuleDict({k: torch.nn.Linear(d, d) for k in ("q", "k", "v", "out")})
-        self.ffn = torch.nn.ModuleDict({"up": torch.nn.Linear(d, 2 * d), "down": torch.nn.Linear(2 * d, d)})
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        q, k, v = self.attn["q"](h), self.attn["k"](h), self.attn["v"](h)
-        a = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
-        x = x + self.attn["out"](a)
-        return x + self.ffn["down"](torch.relu(self.ffn["up"](self.norm2(x))))
-
-
-class _Encoder(torch.nn.Module):
-    """Blocks run under ``torch.utils.checkpoint`` as a module call: their hooks run again in backward."""
-
-    def __init__(self, reentrant: bool, d: int = 16) -> None:
-        super().__init__()
-        self.config = SimpleNamespace(hidden_size=d)  # ReFT reads the hidden size from a config
-        self.embed = torch.nn.Embedding(50, d)
-        self.blocks = torch.nn.ModuleList(_Block(d) for _ in range(2))
-        self.reentrant = reentrant
-        self.checkpointing = False
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor]:
-        x = self.embed(input_ids)
-        if self.checkpointing and self.reentrant:
-            x = x.detach().requires_grad_()  # reentrant checkpoints need an input that requires grad
-        for block in self.blocks:
-            if self.checkpointing:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.reentrant)
-            else:
-                x = block(x)
-        return (x,)
-
-
-INTERFACE = adapters.AdapterModelInterface(
-    model_embeddings="embed", model_layers="blocks", layer_self_attn="attn", attn_q_proj="q", attn_k_proj="k",
-    attn_v_proj="v", attn_o_proj="out", layer_intermediate_proj="ffn.up", layer_output_proj="ffn.down",
-    layer_pre_self_attn="norm1", layer_pre_ffn="norm2",
-)
-
-
 @pytest.mark.parametrize("method", ["lora", "seq_bn", "loreft", "vera"])
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_module_call_checkpointing_recomputes_each_calls_routing(method, reentrant) -> None:
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        model = adapters.init(_Encoder(reentrant), interface=INTERFACE)
+        model = adapters.init(ToyEncoder(), interface=toy_interface())
         model.add_adapter("a", config=method)
         model.add_adapter("b", config=method)
         _perturb(model, "a", 1)
         _perturb(model, "b", 2)
         model.train_adapter(ac.MultiTask("a", "b"))
-        model.checkpointing = checkpointing
+        model.checkpointing = ("reentrant" if reentrant else "non-reentrant") if checkpointing else None
         ids = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
         mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-        loss = model(ids, attention_mask=mask, task_ids=[0, 1])[0].square().mean()
-        loss = loss + model(ids, attention_mask=mask.flip(1), task_ids=[1, 1])[0].square().mean()
+        loss = model(ids, attention_mask=mask, task_ids=[0, 1]).square().mean()
+        loss = loss + model(ids, attention_mask=mask.flip(1), task_ids=[1, 1]).square().mean()
         loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

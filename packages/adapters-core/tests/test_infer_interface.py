@@ -19,7 +19,7 @@ from adapters.infer import infer_interface
 from adapters.interfaces.builtin import fit_layer_stacks, interface_for_config
 from adapters.plugins import registry
 from adapters.points import ModelPoints, resolve_points
-from adapters.testing import MODEL_TYPES, tiny_inputs, tiny_model
+from adapters.testing import MODEL_TYPES, ToyEncoder, tiny_inputs, tiny_model, toy_interface
 
 LAYER_FIELDS = ("intermediate", "output", "pre_self_attn", "pre_cross_attn", "pre_ffn", "ln_1", "ln_2")
 #: Residual/norm points the inference must find (not only: must not get wrong) on every tiny model type.
@@ -160,41 +160,11 @@ def test_init_rejects_other_strings():
 
 
 # ---------------------------------------------------------------------------------------------- non-HF models
-class Block(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = nn.ModuleDict({"q": nn.Linear(d, d), "k": nn.Linear(d, d), "v": nn.Linear(d, d),
-                                   "out": nn.Linear(d, d)})
-        self.ffn = nn.ModuleDict({"up": nn.Linear(d, 4 * d), "down": nn.Linear(4 * d, d)})
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        q, k, v = self.attn["q"](h), self.attn["k"](h), self.attn["v"](h)
-        a = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
-        x = x + self.attn["out"](a)
-        return x + self.ffn["down"](torch.relu(self.ffn["up"](self.norm2(x))))
+def TinyEncoder() -> nn.Module:
+    return ToyEncoder()
 
 
-class TinyEncoder(nn.Module):
-    def __init__(self, d: int = 16, n: int = 2) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(100, d)
-        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
-README_INTERFACE = AdapterModelInterface(
-    model_embeddings="embed", model_layers="blocks", layer_self_attn="attn",
-    attn_q_proj="q", attn_k_proj="k", attn_v_proj="v", attn_o_proj="out",
-    layer_intermediate_proj="ffn.up", layer_output_proj="ffn.down",
-    layer_pre_self_attn="norm1", layer_pre_ffn="norm2",
-)
+README_INTERFACE = toy_interface()
 
 
 def test_custom_model_is_inferred_and_left_unchanged():
@@ -277,7 +247,7 @@ def test_model_that_cannot_run_gets_structure_only():
     class NoForward(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.blocks = nn.ModuleList(Block(8) for _ in range(2))
+            self.blocks = ToyEncoder(d=8).blocks
 
     inferred = infer_interface(NoForward())
     assert inferred.model_layers == "blocks" and inferred.attn_q_proj == "q"

@@ -40,6 +40,8 @@ __all__ = [
     "VOCAB",
     "count_kernel_ops",
     "replicate_on_cpu",
+    "ToyEncoder",
+    "toy_interface",
     "count_step_ops",
     "frozen_base_step_ops",
     "supports",
@@ -325,3 +327,62 @@ def replicate_on_cpu(model: torch.nn.Module, copies: int = 2,
 
     with mock.patch.object(replicate_module, "_broadcast_coalesced_reshape", broadcast):
         return replicate_module.replicate(model, list(range(copies)))
+
+
+class _ToyBlock(torch.nn.Module):
+    """A pre-norm Transformer block written by hand (no transformers): q/k/v/out attention, up/down FFN."""
+
+    def __init__(self, d: int, ffn_mult: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.attn = torch.nn.ModuleDict({k: torch.nn.Linear(d, d) for k in ("q", "k", "v", "out")})
+        wide = ffn_mult * d
+        self.ffn = torch.nn.ModuleDict({"up": torch.nn.Linear(d, wide), "down": torch.nn.Linear(wide, d)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        q, k, v = self.attn["q"](h), self.attn["k"](h), self.attn["v"](h)
+        a = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+        x = x + self.attn["out"](a)
+        return x + self.ffn["down"](torch.relu(self.ffn["up"](self.norm2(x))))
+
+
+class ToyEncoder(torch.nn.Module):
+    """A plain ``nn.Module`` encoder (embedding + blocks) for tests of models transformers does not know.
+
+    ``checkpointing`` (``None``, ``"reentrant"``, ``"non-reentrant"``) runs each block call through
+    ``torch.utils.checkpoint`` (hooks included, as activation-checkpoint wrappers do). ``config`` holds
+    ``hidden_size`` (methods that read it, such as ReFT). Use with :func:`toy_interface`.
+    """
+
+    def __init__(self, d: int = 16, n: int = 2, ffn_mult: int = 4, vocab: int = 100) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(hidden_size=d)
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.blocks = torch.nn.ModuleList(_ToyBlock(d, ffn_mult) for _ in range(n))
+        self.checkpointing: str | None = None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        reentrant = self.checkpointing == "reentrant"
+        if reentrant:
+            x = x.detach().requires_grad_()  # a reentrant checkpoint needs an input that requires grad
+        for block in self.blocks:
+            if self.checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=reentrant)
+            else:
+                x = block(x)
+        return x
+
+
+def toy_interface() -> Any:
+    """The :class:`~adapters.interface.AdapterModelInterface` of :class:`ToyEncoder`."""
+    from .interface import AdapterModelInterface
+
+    return AdapterModelInterface(
+        model_embeddings="embed", model_layers="blocks", layer_self_attn="attn", attn_q_proj="q", attn_k_proj="k",
+        attn_v_proj="v", attn_o_proj="out", layer_intermediate_proj="ffn.up", layer_output_proj="ffn.down",
+        layer_pre_self_attn="norm1", layer_pre_ffn="norm2",
+    )
