@@ -24,7 +24,6 @@ import adapters
 from adapters.errors import AdapterError
 from adapters.linear import AdapterLinear
 from adapters.method import AdapterConfig, AdapterMethod, AttachSite
-from adapters.plan import Leaf, PlanOps, execute
 
 TOY_NAME = "core_test_scale"
 
@@ -44,14 +43,6 @@ class ToyScaleConfig(AdapterConfig):
     leave_out: list[int] = dataclasses.field(default_factory=list)
 
 
-class _ToyOps(PlanOps):
-    def __init__(self, layer: ToyScaleLayer) -> None:
-        self.layer = layer
-
-    def leaf(self, name: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return inputs[0] * self.layer.adapters[name].scale
-
-
 class _ToyAdapter(nn.Module):
     def __init__(self, width: int, init: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -61,23 +52,16 @@ class _ToyAdapter(nn.Module):
 class ToyScaleLayer(AdapterLinear):
     """Wraps a linear projection (``nn.Linear`` or GPT-2 ``Conv1D``), sharing its parameters."""
 
-    def __init__(self, base: nn.Module, location: str) -> None:
-        super().__init__(base, location)
-        self._ops = _ToyOps(self)
-
     def add_adapter(self, name: str, config: ToyScaleConfig, site: AttachSite) -> None:
         weight = self.weight
         self.adapters[name] = _ToyAdapter(self.out_features, config.init_scale, site.dtype_for(weight, config),
                                           weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_forward(x)
-        plan = self.plan
-        if plan is None:
-            return y
-        if type(plan) is Leaf:
-            return y * self.adapters[plan.name].scale
-        return execute(plan, (y,), self._ops)
+        return self.run_plan(self.plan, (self.base_forward(x),))
+
+    def leaf(self, name: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return inputs[0] * self.adapters[name].scale
 
     def merge_adapter(self, name: str) -> None:
         self.begin_merge()

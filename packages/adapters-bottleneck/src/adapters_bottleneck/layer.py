@@ -30,12 +30,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters.errors import AdapterError
-from adapters.frames import frame_child
-from adapters.method import AdapterLayer, AttachSite
-from adapters.plan import IDENTITY, FusePlan, Leaf, PlanNode, PlanOps, execute
-from adapters.points import ModulePoint
-from adapters.shared_ref import SharedRef
+from adapters.plugin import (
+    IDENTITY,
+    AdapterError,
+    AdapterLayer,
+    AttachSite,
+    FusePlan,
+    Leaf,
+    ModulePoint,
+    PlanNode,
+    PlanOps,
+    SharedRef,
+    frame_child,
+)
 
 from .config import AdapterFusionConfig, BnConfig
 
@@ -528,7 +535,7 @@ class BottleneckLayer(AdapterLayer):
             x = x.reshape(h.shape)
         if isinstance(plan, Leaf):
             return self.run_adapter(plan.name, h, x, norm, final_space)
-        return execute(plan, (h,) if x is None else (h, x), _BnOps(self, norm, final_space, scratch))
+        return self.run_plan(plan, (h,) if x is None else (h, x), _BnOps(self, norm, final_space, scratch))
 
     def forward(self, h: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Apply this call's plan to a sub-block output ``h`` outside a model forward (no norm)."""

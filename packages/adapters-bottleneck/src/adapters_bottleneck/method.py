@@ -6,9 +6,16 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from adapters.errors import AdapterError
-from adapters.method import ALL_BLOCKS, AdapterMethod, AttachSite
-from adapters.points import LayerPoints, ModelPoints, ModulePoint, linear_features
+from adapters.plugin import (
+    ALL_BLOCKS,
+    AdapterError,
+    AdapterMethod,
+    AttachSite,
+    LayerPoints,
+    ModelPoints,
+    ModulePoint,
+    linear_features,
+)
 
 from .config import (
     AdapterFusionConfig,

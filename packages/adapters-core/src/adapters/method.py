@@ -26,6 +26,7 @@ from torch import nn
 
 from . import context as _context
 from .errors import AdapterError
+from .plan import Leaf, PlanOps, execute
 
 if TYPE_CHECKING:
     from .model import AdapterState
@@ -311,8 +312,12 @@ class AdapterMethod:
 
 
 # ---------------------------------------------------------------------------------------------- layers
-class AdapterLayer(nn.Module):
+class AdapterLayer(nn.Module, PlanOps):
     """A module hosting every adapter of one method at one hook point.
+
+    The layer is its own :class:`~adapters.plan.PlanOps`: a method implements :meth:`leaf` (one
+    adapter on the routed inputs) and, where its blocks mean something special, ``stack`` /
+    ``average`` / ``fuse``; :meth:`run_plan` does the dispatch (no plan, one adapter, a composition).
 
     ``self.adapters`` maps adapter names to per-adapter modules that own their parameters;
     core derives training, summaries and checkpoints from it. ``self.location`` is a portable key
@@ -347,6 +352,20 @@ class AdapterLayer(nn.Module):
             if ctx is not None and ctx.plans is not None:
                 return ctx.plans[self._adapters_slot]
         return self._default_plan
+
+    def run_plan(self, plan: PlanNode | None, inputs: tuple[torch.Tensor, ...],
+                 ops: PlanOps | None = None) -> torch.Tensor:
+        """``inputs[0]`` adapted by ``plan``: unchanged for ``None``, ``ops.leaf`` for one adapter,
+        :func:`adapters.plan.execute` (row / position routing, then ``ops``) for a composition.
+
+        ``ops`` defaults to the layer itself; pass a per-call object when the leaves need per-call
+        values (never store one on the layer: replicas would share it)."""
+        if plan is None:
+            return inputs[0]
+        ops = self if ops is None else ops
+        if type(plan) is Leaf:
+            return ops.leaf(plan.name, inputs)
+        return execute(plan, inputs, ops)
 
     @property
     def plan(self) -> PlanNode | None:

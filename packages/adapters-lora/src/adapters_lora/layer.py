@@ -18,10 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.errors import AdapterError
-from adapters.linear import AdapterLinear, Rows, count_rows, param, row_index
-from adapters.method import AttachSite
-from adapters.plan import Leaf, PlanOps, execute
+from adapters.plugin import AdapterError, AdapterLinear, AttachSite, Leaf, Rows, count_rows, param, row_index
 
 from .config import LoRAConfig
 
@@ -287,20 +284,16 @@ class DoRADelta(LoRADelta):
         return new * (self.magnitude.float() / new.norm(dim=1)).unsqueeze(1)
 
 
-class _Ops(PlanOps):
-    """LoRA plans run on ``(y, x)``: each adapter maps the output ``y`` to an adapted output. Made per
-    call on the composition path (a layer keeps no object that points back at it)."""
+class LoRALinear(AdapterLinear):
+    """A linear projection with LoRA-family adapters. Shares ``weight``/``bias`` with the original.
 
-    def __init__(self, layer: LoRALinear) -> None:
-        self.layer = layer
+    Plans run on ``(y, x)``: each adapter maps the projection's output ``y`` to an adapted output
+    (:meth:`leaf`), so ``Stack`` adds deltas and ``Average`` averages outputs.
+    """
 
     def leaf(self, name: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         y, x = inputs
-        return self.layer.adapters[name](x, y, self.layer)
-
-
-class LoRALinear(AdapterLinear):
-    """A linear projection with LoRA-family adapters. Shares ``weight``/``bias`` with the original."""
+        return self.adapters[name](x, y, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.active_plan()
@@ -317,7 +310,7 @@ class LoRALinear(AdapterLinear):
             # one adapter: y is ours, so it is updated in place; .forward skips the module-call
             # machinery (adapter modules carry no hooks)
             return module.forward(x, self.base_forward(x), self, True)
-        return execute(plan, (self.base_forward(x), x), _Ops(self))
+        return self.run_plan(plan, (self.base_forward(x), x))
 
     def _straight_line(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                        scaling: float) -> torch.Tensor:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from adapters.errors import AdapterError
-from adapters.linear import LINEAR_HOOK_POINTS, check_linear_placement, linear_targets
-from adapters.method import AdapterMethod, AttachSite
-from adapters.points import ModelPoints
-from adapters.state import AdapterState
+from adapters.plugin import (
+    LINEAR_HOOK_POINTS,
+    AdapterError,
+    AdapterMethod,
+    AdapterState,
+    AttachSite,
+    ModelPoints,
+    check_linear_placement,
+    linear_targets,
+)
 
 from .config import DoRAConfig, IA3Config, LoRAConfig, MTLLoRAConfig
 from .layer import LoRALinear

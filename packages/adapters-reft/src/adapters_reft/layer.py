@@ -45,10 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.context import current_context
-from adapters.errors import AdapterError
-from adapters.method import AdapterLayer, AttachSite
-from adapters.plan import Leaf, PlanOps, StackPlan, execute
+from adapters.plugin import AdapterError, AdapterLayer, AttachSite, Leaf, StackPlan, current_context
 
 from .config import ReftConfig
 
@@ -214,18 +211,6 @@ class ReftUnit(nn.Module):
         return self.apply(h, index, invalid)
 
 
-class _Ops(PlanOps):
-    """ReFT plans run on ``(h, order, lengths)``: all batch-first, so rows route through
-    ``BatchSplit`` and ``MultiTask``; a ``Stack`` edits the previous adapter's output. Made per call."""
-
-    def __init__(self, layer: ReftLayer) -> None:
-        self.layer = layer
-
-    def leaf(self, name: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        h, order, lengths = inputs
-        return self.layer.adapters[name](h, order, lengths)
-
-
 def _packed_segments(position_ids: torch.Tensor, batch: int, seq: int) -> list[tuple[int, int, int]] | None:
     """``(row, start, end)`` of every sequence packed into the rows, when ``position_ids`` restart at 0
     inside a row (sequences packed without padding); ``None`` when every row holds one sequence.
@@ -319,6 +304,12 @@ class ReftLayer(AdapterLayer):
         self.device = device
         self.hooked = False
 
+    def leaf(self, name: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Plans run on ``(h, order, lengths)``: all batch-first, so rows route through ``BatchSplit`` and
+        ``MultiTask``; a ``Stack`` edits the previous adapter's output."""
+        h, order, lengths = inputs
+        return self.adapters[name](h, order, lengths)
+
     def add_adapter(self, name: str, config: ReftConfig, site: AttachSite) -> None:
         """Create adapter ``name`` (weights in the base model's dtype unless ``config.dtype``)."""
         dtype = site.dtype_for(torch.empty(0, dtype=self.base_dtype), config)
@@ -347,7 +338,7 @@ class ReftLayer(AdapterLayer):
                 if ctx is not None:
                     ctx.extra[key] = slots
             return unit.apply(h, *slots)
-        return execute(plan, (h, order, lengths), _Ops(self))
+        return self.run_plan(plan, (h, order, lengths))
 
     def _edit_packed(self, plan: Any, h: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
         names = [plan.name] if type(plan) is Leaf else None

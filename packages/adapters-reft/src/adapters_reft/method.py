@@ -7,9 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from adapters.errors import AdapterError
-from adapters.method import AdapterMethod, AttachSite
-from adapters.points import ModelPoints
+from adapters.plugin import AdapterError, AdapterMethod, AttachSite, ModelPoints
 
 from .config import DiReftConfig, LoReftConfig, NoReftConfig, ReftConfig
 from .layer import ReftLayer, edit_layer_output

@@ -21,12 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.errors import AdapterError
-from adapters.linear import AdapterLinear, Rows, count_rows
-from adapters.linear import is_linear_like as _is_linear_like
-from adapters.method import AttachSite
-from adapters.plan import Leaf, PlanOps, execute
-from adapters.shared_ref import SharedRef
+from adapters.plugin import AdapterError, AdapterLinear, AttachSite, Rows, SharedRef, count_rows
+from adapters.plugin import is_linear_like as _is_linear_like
 
 from .config import VeraConfig
 
@@ -168,28 +164,17 @@ def _units(module: nn.Module) -> list[VeraVectors]:
     return list(module.parts.values()) if isinstance(module, VeraFusedParts) else [module]
 
 
-class _Ops(PlanOps):
-    """VeRA plans run on ``(y, x)``: each adapter maps the base output ``y`` to an adapted output."""
-
-    def __init__(self, layer: VeraLinear) -> None:
-        self.layer = layer  # made per call: the layer keeps no object that points back at it
+class VeraLinear(AdapterLinear):
+    """A linear projection (``nn.Linear`` or ``Conv1D``) with VeRA adapters; shares ``weight``/``bias``.
+    Plans run on ``(y, x)``: each adapter maps the base output ``y`` to an adapted output."""
 
     def leaf(self, name: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         y, x = inputs
-        return self.layer.adapters[name](x, y, self.layer)
-
-
-class VeraLinear(AdapterLinear):
-    """A linear projection (``nn.Linear`` or ``Conv1D``) with VeRA adapters; shares ``weight``/``bias``."""
+        return self.adapters[name](x, y, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
-        plan = self.active_plan()
-        if plan is None:
-            return y
-        if type(plan) is Leaf:
-            return self.adapters[plan.name](x, y, self)
-        return execute(plan, (y, x), _Ops(self))
+        return self.run_plan(self.active_plan(), (y, x))
 
     # -- adapters --------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: VeraConfig, site: AttachSite) -> None:

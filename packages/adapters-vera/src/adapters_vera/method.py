@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from adapters.errors import AdapterError
-from adapters.linear import LINEAR_HOOK_POINTS, LinearTarget, check_linear_placement, linear_targets
-from adapters.method import AdapterMethod, AttachSite
-from adapters.points import ModelPoints
+from adapters.plugin import (
+    LINEAR_HOOK_POINTS,
+    AdapterError,
+    AdapterMethod,
+    AttachSite,
+    LinearTarget,
+    ModelPoints,
+    check_linear_placement,
+    linear_targets,
+)
 
 from .config import VeraConfig
 from .layer import VeraLinear, VeraProjections

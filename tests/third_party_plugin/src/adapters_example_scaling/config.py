@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from adapters.method import AdapterConfig
+from adapters.plugin import AdapterConfig
 
 __all__ = ["ChannelScaleConfig"]
 

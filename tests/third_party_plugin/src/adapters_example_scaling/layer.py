@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.linear import AdapterLinear
-from adapters.method import AttachSite
-from adapters.plan import Leaf, PlanOps, execute
+from adapters.plugin import AdapterLinear, AttachSite
 
 from .config import ChannelScaleConfig
 
@@ -22,24 +20,10 @@ class ChannelScale(nn.Module):
         self.scale = nn.Parameter(torch.full((width,), float(init), dtype=dtype, device=device))
 
 
-class _Ops(PlanOps):
-    """Composition plans: a leaf scales the projection output by that adapter's scale."""
-
-    def __init__(self, layer: ScaledLinear) -> None:
-        self.layer = layer
-
-    def leaf(self, name: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return inputs[0] * self.layer.adapters[name].scale
-
-
 class ScaledLinear(AdapterLinear):
     """Replaces an ``nn.Linear`` (or GPT-2 ``Conv1D``); core's :class:`~adapters.linear.AdapterLinear`
     shares its ``weight`` and ``bias`` tensors, runs the original projection (``base_forward``) and keeps
     the exact backup that ``unmerge_adapter`` restores."""
-
-    def __init__(self, base: nn.Module, location: str) -> None:
-        super().__init__(base, location)
-        self._ops = _Ops(self)
 
     def add_adapter(self, name: str, config: ChannelScaleConfig, site: AttachSite) -> None:
         """Create adapter ``name``'s scales."""
@@ -48,13 +32,12 @@ class ScaledLinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x)`` when inactive; scaled by the active adapter(s) otherwise."""
-        y = self.base_forward(x)
-        plan = self.plan
-        if plan is None:
-            return y
-        if type(plan) is Leaf:
-            return y * self.adapters[plan.name].scale
-        return execute(plan, (y,), self._ops)
+        return self.run_plan(self.plan, (self.base_forward(x),))
+
+    def leaf(self, name: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """One adapter on the (routed) output: ``y ⊙ s``. ``Stack`` multiplies scales, ``Average``
+        averages the scaled outputs (core's defaults)."""
+        return inputs[0] * self.adapters[name].scale
 
     def merge_adapter(self, name: str) -> None:
         """Fold the scales into the weight and bias: ``W ← diag(s) W``, ``b ← s ⊙ b``."""

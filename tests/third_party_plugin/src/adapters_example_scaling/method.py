@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from adapters.errors import AdapterError
-from adapters.method import AdapterMethod, AttachSite
-from adapters.points import ModelPoints
+from adapters.plugin import AdapterError, AdapterMethod, AttachSite, ModelPoints
 
 from .config import ChannelScaleConfig
 from .layer import ScaledLinear

@@ -1,0 +1,102 @@
+"""Everything a plugin author needs, in one place: ``from adapters.plugin import ...``.
+
+A method plugin provides configs (:class:`AdapterConfig` dataclasses), one :class:`AdapterMethod`
+registered through the ``adapters_register_methods`` hook (:data:`hookimpl`), and
+:class:`AdapterLayer` subclasses placed through an :class:`AttachSite`. A layer implements
+:meth:`~AdapterLayer.leaf` (one adapter on routed inputs) and, where a block means something
+special for it, ``stack`` / ``average`` / ``fuse``; core's :meth:`~AdapterLayer.run_plan` does the
+dispatch. Methods that adapt linear projections build on :class:`AdapterLinear` and
+:func:`linear_targets`; methods that hook modules inside a Transformer layer find their adapter
+layer per call with :func:`frame_child`. The names here are the plugin contract (version
+:data:`PLUGIN_API_VERSION`); a test keeps this list exact.
+"""
+
+from __future__ import annotations
+
+from .context import ForwardContext, current_context
+from .errors import AdapterError, CheckpointError, CompositionError
+from .frames import LayerFrame, current_frame, frame_child
+from .hookspecs import PLUGIN_API_VERSION, hookimpl
+from .interface import AdapterModelInterface
+from .linear import (
+    LINEAR_HOOK_POINTS,
+    AdapterLinear,
+    LinearTarget,
+    Rows,
+    check_linear_placement,
+    count_rows,
+    is_linear_like,
+    linear_targets,
+    param,
+    row_index,
+)
+from .method import ALL_BLOCKS, AdapterConfig, AdapterLayer, AdapterMethod, AttachSite, ConfigUnion
+from .plan import (
+    IDENTITY,
+    AveragePlan,
+    BatchSplitPlan,
+    FusePlan,
+    Identity,
+    Leaf,
+    MultiTaskPlan,
+    ParallelPlan,
+    PlanNode,
+    PlanOps,
+    SplitPlan,
+    StackPlan,
+    execute,
+)
+from .points import AttentionPoints, FusedQKV, LayerPoints, ModelPoints, ModulePoint, linear_features
+from .shared_ref import SharedRef
+from .state import AdapterState
+
+__all__ = [
+    "ALL_BLOCKS",
+    "IDENTITY",
+    "LINEAR_HOOK_POINTS",
+    "PLUGIN_API_VERSION",
+    "AdapterConfig",
+    "AdapterError",
+    "AdapterLayer",
+    "AdapterLinear",
+    "AdapterMethod",
+    "AdapterModelInterface",
+    "AdapterState",
+    "AttachSite",
+    "AttentionPoints",
+    "AveragePlan",
+    "BatchSplitPlan",
+    "CheckpointError",
+    "CompositionError",
+    "ConfigUnion",
+    "ForwardContext",
+    "FusePlan",
+    "FusedQKV",
+    "Identity",
+    "LayerFrame",
+    "LayerPoints",
+    "Leaf",
+    "LinearTarget",
+    "ModelPoints",
+    "ModulePoint",
+    "MultiTaskPlan",
+    "ParallelPlan",
+    "PlanNode",
+    "PlanOps",
+    "Rows",
+    "SharedRef",
+    "SplitPlan",
+    "StackPlan",
+    "check_linear_placement",
+    "count_rows",
+    "current_context",
+    "current_frame",
+    "execute",
+    "frame_child",
+    "hookimpl",
+    "is_linear_like",
+    "linear_features",
+    "linear_targets",
+    "param",
+    "row_index",
+]

@@ -1,0 +1,64 @@
+"""``adapters.plugin`` is the plugin contract: its public names are exactly these, each importable, and
+the method packages of this repository import core only through it."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import adapters.plugin as plugin
+
+EXPECTED = sorted([
+    "ALL_BLOCKS", "IDENTITY", "LINEAR_HOOK_POINTS", "PLUGIN_API_VERSION", "AdapterConfig", "AdapterError",
+    "AdapterLayer", "AdapterLinear", "AdapterMethod", "AdapterModelInterface", "AdapterState", "AttachSite",
+    "AttentionPoints", "AveragePlan", "BatchSplitPlan", "CheckpointError", "CompositionError", "ConfigUnion",
+    "ForwardContext", "FusePlan", "FusedQKV", "Identity", "LayerFrame", "LayerPoints", "Leaf", "LinearTarget",
+    "ModelPoints", "ModulePoint", "MultiTaskPlan", "ParallelPlan", "PlanNode", "PlanOps", "Rows", "SharedRef",
+    "SplitPlan", "StackPlan", "check_linear_placement", "count_rows", "current_context", "current_frame",
+    "execute", "frame_child", "hookimpl", "is_linear_like", "linear_features", "linear_targets", "param",
+    "row_index",
+])
+
+
+def test_public_names_are_exactly_the_contract():
+    assert sorted(plugin.__all__) == EXPECTED, "a change to the plugin contract: update EXPECTED and the docs"
+    for name in plugin.__all__:
+        assert hasattr(plugin, name), name
+
+
+def test_layers_own_plan_dispatch():
+    """A layer is its own PlanOps; run_plan handles no plan, one adapter and compositions."""
+    assert issubclass(plugin.AdapterLayer, plugin.PlanOps)
+    assert callable(plugin.AdapterLayer.run_plan)
+
+
+def test_core_modules_name_no_method_package():
+    root = os.path.dirname(plugin.__file__)
+    for folder, _, files in os.walk(root):
+        for file in files:
+            if not file.endswith(".py"):
+                continue
+            tree = ast.parse(open(os.path.join(folder, file), encoding="utf-8").read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    assert not node.module.startswith("adapters_"), (file, node.module)
+                elif isinstance(node, ast.Import):
+                    assert not any(a.name.startswith("adapters_") for a in node.names), file
+
+
+def test_this_repositorys_plugins_use_only_the_public_api():
+    """Our method packages (and the example third-party plugin) import core through ``adapters`` and
+    ``adapters.plugin`` only (``adapters.testing`` in tests): what they need, an outsider has too."""
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    sources = [os.path.join(repo, "packages", p, "src") for p in os.listdir(os.path.join(repo, "packages"))
+               if p != "adapters-core"] + [os.path.join(repo, "tests", "third_party_plugin", "src")]
+    checked = 0
+    for source in sources:
+        for folder, _, files in os.walk(source):
+            for file in (f for f in files if f.endswith(".py")):
+                tree = ast.parse(open(os.path.join(folder, file), encoding="utf-8").read())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("adapters."):
+                        assert node.module == "adapters.plugin", (file, node.module)
+                checked += 1
+    assert checked >= 20
