@@ -62,3 +62,45 @@ def test_this_repositorys_plugins_use_only_the_public_api():
                         assert node.module == "adapters.plugin", (file, node.module)
                 checked += 1
     assert checked >= 20
+
+
+def test_first_party_catalogue_matches_the_packages_entry_points():
+    """``FIRST_PARTY_NAMES`` (the install hints core gives) is exactly what our method packages declare."""
+    import tomllib
+
+    from adapters.plugins import FIRST_PARTY_NAMES, GROUP_EXPORTS, GROUP_METHODS
+
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    expected = {}
+    for package in sorted(os.listdir(os.path.join(repo, "packages"))):
+        if package == "adapters-core":
+            continue
+        with open(os.path.join(repo, "packages", package, "pyproject.toml"), "rb") as fh:
+            project = tomllib.load(fh)["project"]
+        points = project.get("entry-points", {})
+        expected[project["name"]] = sorted({*points.get(GROUP_METHODS, {}), *points.get(GROUP_EXPORTS, {})})
+    got = {dist: sorted(names) for dist, names in FIRST_PARTY_NAMES.items()}
+    assert got == expected, f"regenerate adapters.plugins.FIRST_PARTY_NAMES from the entry points: {expected}"
+
+
+def test_registered_names_without_entry_points_are_reported(toy):
+    """An installed plugin whose method registers a config string or export its metadata does not declare
+    gets a warning naming each one (such a name works only after another name of the plugin was used)."""
+    import pytest
+
+    from adapters.plugins import GROUP_EXPORTS, GROUP_METHODS, PluginInfo, PluginLoadWarning, Registry
+
+    class Extra(toy.Method):
+        presets = {toy.NAME: toy.Config, "toy_extra": toy.Config}
+
+    class Plugin:
+        @plugin.hookimpl
+        def adapters_register_methods(self, register):
+            register(Extra())
+
+    registry = Registry(autoload=False)
+    registry._entry_points = {GROUP_METHODS: {toy.NAME: [PluginInfo(GROUP_METHODS, toy.NAME, "m", "dist-x", "1")]},
+                              GROUP_EXPORTS: {}}
+    with pytest.warns(PluginLoadWarning, match=r"adapters.methods: toy_extra; adapters.exports: ToyScaleConfig"):
+        registry.register_plugin(Plugin(), distribution="dist-x")
+    assert "toy_extra" in registry.config_strings  # reported, still usable

@@ -148,7 +148,9 @@ class AdapterModelMixin:
 
         :param adapter_name: a name made of letters, digits, ``_``, ``-``.
         :param config: a config object, dict, or config string (``"lora"``, ``"lora[r=16]"``,
-            ``"lora|seq_bn"``); ``None`` uses ``seq_bn`` when the bottleneck plugin is installed.
+            ``"lora|seq_bn"``); ``None`` uses the config an installed plugin declares as the default
+            (entry-point group ``adapters.default_config``; ``adapters-bottleneck`` declares ``seq_bn``,
+            AdapterHub's default).
         :param overwrite_ok: replace an existing adapter of the same name.
         :param set_active: activate the new adapter.
         """
@@ -159,12 +161,12 @@ class AdapterModelMixin:
                 f"An adapter named '{adapter_name}' already exists; pass overwrite_ok=True to replace it."
             )
         if config is None:
-            if not registry.has_config_string("seq_bn"):
+            config = registry.default_config()
+            if config is None:
                 raise AdapterError(
-                    "add_adapter needs a config (e.g. config='lora' or LoRAConfig(...)); the default 'seq_bn' needs "
-                    "the adapters-bottleneck plugin: pip install adapters-bottleneck"
+                    "add_adapter needs a config (e.g. config='lora' or LoRAConfig(...)): no installed plugin declares "
+                    "a default config (adapters-bottleneck declares 'seq_bn')."
                 )
-            config = "seq_bn"
         config = AdapterConfig.load(config)
         methods = []
         for single in config.configs:

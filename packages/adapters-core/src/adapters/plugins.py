@@ -49,17 +49,20 @@ __all__ = [
 GROUP_METHODS = "adapters.methods"
 GROUP_EXPORTS = "adapters.exports"
 GROUP_INTERFACES = "adapters.interfaces"
+#: A method plugin may name one of its config strings here: ``add_adapter(name)`` without a config uses it.
+GROUP_DEFAULT = "adapters.default_config"
 CORE_DISTRIBUTION = "adapters-core"
 
 #: Names provided by this project's own method packages, used only to say which distribution to
-#: install when a name is not available. Core never imports these packages.
+#: install when a name is not available. Core never imports these packages. A test compares it with the
+#: entry points in the packages' pyproject.toml files (and prints the dict to paste when they drift).
 FIRST_PARTY_NAMES: dict[str, tuple[str, ...]] = {
     "adapters-lora": ("lora", "ia3", "dora", "mtl_lora", "LoRAConfig", "IA3Config", "DoRAConfig", "MTLLoRAConfig"),
     "adapters-bottleneck": (
         "bottleneck", "seq_bn", "pfeiffer", "double_seq_bn", "houlsby", "par_bn", "parallel", "scaled_par_bn",
         "compacter", "compacter++", "adapterplus", "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig", "ParBnConfig",
         "AdapterPlusConfig", "CompacterConfig", "CompacterPlusPlusConfig", "AdapterFusionConfig",
-        "StaticAdapterFusionConfig", "DynamicAdapterFusionConfig", "SeqBnInvConfig", "DoubleSeqBnInvConfig",
+        "StaticAdapterFusionConfig", "DynamicAdapterFusionConfig",
     ),
     "adapters-reft": ("reft", "loreft", "noreft", "direft", "ReftConfig", "LoReftConfig", "NoReftConfig",
                       "DiReftConfig"),
@@ -144,7 +147,7 @@ class Registry:
         """Installed entry points by group and name (read once; nothing is imported)."""
         if self._entry_points is None:
             found: dict[str, dict[str, list[PluginInfo]]] = {}
-            for group in (GROUP_METHODS, GROUP_EXPORTS, GROUP_INTERFACES):
+            for group in (GROUP_METHODS, GROUP_EXPORTS, GROUP_INTERFACES, GROUP_DEFAULT):
                 by_name: dict[str, list[PluginInfo]] = {}
                 for ep in metadata.entry_points(group=group):
                     dist, version = _dist_of(ep)
@@ -242,11 +245,40 @@ class Registry:
         for e in exports:
             self._claim("exported name", e)
         method.distribution = self._current_distribution
+        self._check_entry_points(method, strings, exports)
         self.methods[method.name] = method
         for s, factory in strings.items():
             self.config_strings[s] = (method, factory)
         for e, obj in exports.items():
             self.exports[e] = (obj, self._current_distribution)
+
+    def _check_entry_points(self, method: AdapterMethod, strings: dict[str, Any], exports: dict[str, Any]) -> None:
+        """An installed plugin must declare every config string and exported name it registers as an entry
+        point, or the name works only after another name of the plugin was used and is never listed."""
+        dist = self._current_distribution
+        points = self.entry_points()
+        declared = {g: {n for n, infos in points.get(g, {}).items() if any(i.distribution == dist for i in infos)}
+                    for g in (GROUP_METHODS, GROUP_EXPORTS)}
+        if not declared[GROUP_METHODS] and not declared[GROUP_EXPORTS]:
+            return  # registered in-process (register_plugin), not through entry points
+        missing = [f"{GROUP_METHODS}: {s}" for s in sorted(strings) if s not in declared[GROUP_METHODS]]
+        missing += [f"{GROUP_EXPORTS}: {e}" for e in sorted(exports) if e not in declared[GROUP_EXPORTS]]
+        if missing:
+            warnings.warn(f"{dist} registers method '{method.name}' with names its package metadata does not declare "
+                          f"as entry points ({'; '.join(missing)}); they work only after another of its names was "
+                          "used. Add them to [project.entry-points] in its pyproject.toml.",
+                          PluginLoadWarning, stacklevel=4)
+
+    def default_config(self) -> str | None:
+        """The config string an installed plugin declares as the default of ``add_adapter(name)``
+        (entry-point group ``adapters.default_config``), or ``None``.
+
+        :raises PluginError: several distributions declare different defaults."""
+        declared = self.entry_points().get(GROUP_DEFAULT, {})
+        if len(declared) > 1:
+            owners = ", ".join(f"'{n}' ({infos[0].distribution})" for n, infos in sorted(declared.items()))
+            raise PluginError(f"Several installed plugins declare a default adapter config: {owners}. Pass config=...")
+        return next(iter(declared), None)
 
     def _register_interface(self, model_type: str, interface: AdapterModelInterface) -> None:
         from .interface import AdapterModelInterface
