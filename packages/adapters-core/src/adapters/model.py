@@ -165,7 +165,8 @@ class AdapterModelMixin:
             if config is None:
                 raise AdapterError(
                     "add_adapter needs a config (e.g. config='lora' or LoRAConfig(...)): no installed plugin declares "
-                    "a default config (adapters-bottleneck declares 'seq_bn')."
+                    "a default config. AdapterHub's default, 'seq_bn', comes with adapters-bottleneck: "
+                    "pip install adapters-bottleneck (from a checkout: pip install -e packages/adapters-bottleneck)."
                 )
         config = AdapterConfig.load(config)
         methods = []
