@@ -1,5 +1,5 @@
-"""The microkernel rule: core never imports a method package (checked on the source, so it holds in
-every session whatever is installed)."""
+"""The microkernel rules, checked on the source (so they hold in every session whatever is installed):
+core never imports a method package, and core's modules import each other without a cycle."""
 
 from __future__ import annotations
 
@@ -42,3 +42,50 @@ def test_import_adapters_is_light() -> None:
             "print(sorted(m for m in ('torch', 'transformers', 'adapters_lora') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def _core_import_graph() -> dict[str, set[str]]:
+    """Module -> core modules it imports (at run time: ``TYPE_CHECKING`` blocks excluded; imports
+    inside functions included)."""
+    modules = {}
+    for path in CORE_SRC.rglob("*.py"):
+        parts = path.relative_to(CORE_SRC.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and getattr(node.test, "id", None) == "TYPE_CHECKING" for b in node.body for n in ast.walk(b)}
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(tree):
+            if id(node) in typing_only or not isinstance(node, ast.ImportFrom | ast.Import):
+                continue
+            if isinstance(node, ast.Import):
+                graph[name] |= {a.name for a in node.names if a.name in modules and a.name != name}
+                continue
+            base = package.split(".")[: len(package.split(".")) - max(node.level - 1, 0)] if node.level else []
+            target = ".".join([*base, node.module] if node.module else base) if node.level else node.module or ""
+            submodules = {f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules}
+            graph[name] |= {m for m in (submodules or {target}) if m in modules and m != name}
+    return graph
+
+
+def test_core_has_no_import_cycle() -> None:
+    graph = _core_import_graph()
+    assert len(graph) > 20
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycle = [*path[path.index(target):], target]
+                raise AssertionError(f"import cycle in core: {' -> '.join(cycle)}")
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

@@ -32,20 +32,6 @@ def test_layers_own_plan_dispatch():
     assert callable(plugin.AdapterLayer.run_plan)
 
 
-def test_core_modules_name_no_method_package():
-    root = os.path.dirname(plugin.__file__)
-    for folder, _, files in os.walk(root):
-        for file in files:
-            if not file.endswith(".py"):
-                continue
-            tree = ast.parse(open(os.path.join(folder, file), encoding="utf-8").read())
-            for node in ast.walk(tree):
-                if isinstance(node, ast.ImportFrom) and node.module:
-                    assert not node.module.startswith("adapters_"), (file, node.module)
-                elif isinstance(node, ast.Import):
-                    assert not any(a.name.startswith("adapters_") for a in node.names), file
-
-
 def test_this_repositorys_plugins_use_only_the_public_api():
     """Our method packages (and the example third-party plugin) import core through ``adapters`` and
     ``adapters.plugin`` only (``adapters.testing`` in tests): what they need, an outsider has too."""

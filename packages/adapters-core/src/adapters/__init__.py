@@ -10,9 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._version import __version__
 from .hookspecs import PLUGIN_API_VERSION, hookimpl, hookspec
-
-__version__ = "0.1.0"
 
 # name -> module that defines it (imported on first access)
 _CORE_NAMES = {

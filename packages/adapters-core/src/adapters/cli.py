@@ -477,7 +477,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``adapters`` argument parser (exposed for documentation tools)."""
-    from . import __version__
+    from ._version import __version__
 
     parser = _Parser(
         prog="adapters",

@@ -174,7 +174,7 @@ class AdapterModelInterface:
 
     def save(self, directory: str | os.PathLike, *, model_type: str | None = None) -> str:
         """Write ``adapter_interface.json`` into ``directory``; return the file path."""
-        from . import __version__
+        from ._version import __version__
 
         os.makedirs(directory, exist_ok=True)
         payload = {

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..checkpoint import READERS
+from ..checkpoint_io import READERS
 from ..errors import AdapterError
 from .adapterhub import read_adapterhub
 from .peft import read_peft, save_peft

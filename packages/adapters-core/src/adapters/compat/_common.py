@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checkpoint import read_json, read_tensors
+from ..checkpoint_io import read_json, read_tensors
 from ..errors import CheckpointError
 from ..plugins import registry
 from ..points import FusedQKV

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import CONFIG_FILE, LoadedCheckpoint
+from ..checkpoint_io import CONFIG_FILE, LoadedCheckpoint
 from ..errors import CheckpointError
 from ._common import method_config_class, read_json, read_tensors
 

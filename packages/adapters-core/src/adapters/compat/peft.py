@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import CONFIG_FILE, LoadedCheckpoint
+from ..checkpoint_io import CONFIG_FILE, LoadedCheckpoint
 from ..errors import AdapterError, CheckpointError
 from ._common import Target, match_module, method_config_class, module_targets, read_json, read_tensors, rows_of
 

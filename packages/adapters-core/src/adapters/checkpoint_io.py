@@ -1,0 +1,86 @@
+"""The primitives of checkpoint files, shared by the native format (:mod:`adapters.checkpoint`) and the
+foreign-format readers (:mod:`adapters.compat`): file names, the in-memory :class:`LoadedCheckpoint`, the
+reader registry, and safe JSON / tensor reading. It imports nothing else of core's, so both sides can
+depend on it without depending on each other."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "WEIGHTS_FILE_PT", "HEAD_FILE", "EMBEDDINGS_FILE", "FUSION_CONFIG_FILE",
+           "FUSION_WEIGHTS_FILE", "LoadedCheckpoint", "READERS", "read_json", "read_tensors"]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+WEIGHTS_FILE_PT = "adapter.bin"
+HEAD_FILE = "head.safetensors"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+FUSION_CONFIG_FILE = "adapter_fusion_config.json"
+FUSION_WEIGHTS_FILE = "adapter_fusion.safetensors"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read into memory, in native form, before anything is applied to a model."""
+
+    name: str
+    config: Any  # AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    head: dict[str, torch.Tensor] | None = None
+    #: the input embeddings' tensors (keys relative to the interface's ``model_embeddings``), when trained
+    embeddings: dict[str, torch.Tensor] | None = None
+    source: str = ""
+    #: For formats whose mapping depends on the target model (PEFT module paths): called by
+    #: :func:`apply_checkpoint` before anything changes; returns the checkpoint in native form.
+    resolve: Callable[[nn.Module], LoadedCheckpoint] | None = None
+
+
+Reader = Callable[[str], "LoadedCheckpoint | None"]
+#: Checkpoint readers tried in order; the first that returns a checkpoint wins.
+READERS: list[Reader] = []
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """A JSON object from ``path``, or a :class:`CheckpointError` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt.") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is corrupt.")
+    return data
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Named tensors from a safetensors file, or from a ``torch.save``'d dict loaded with
+    ``weights_only=True`` (no arbitrary objects are unpickled); a :class:`CheckpointError` otherwise."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist.")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            data = load_file(path)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); the file is corrupt or "
+                                  "truncated.") from None
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch.load raises many types
+            raise CheckpointError(f"{path} could not be read as a tensor file ({exc}).") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
+        raise CheckpointError(f"{path} does not hold a dict of named tensors.")
+    return data
