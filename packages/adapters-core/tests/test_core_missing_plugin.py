@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import adapters
+import adapters.initialization
 import adapters.model
 import adapters.plugins
 from adapters.plugins import MissingPluginError, Registry
@@ -28,6 +29,7 @@ def no_plugins(monkeypatch):
     private = Registry(autoload=False)
     monkeypatch.setattr(adapters.plugins, "registry", private)
     monkeypatch.setattr(adapters.model, "registry", private)
+    monkeypatch.setattr(adapters.initialization, "registry", private)
     for name in ("LoRAConfig", "SeqBnConfig", "VeraConfig", "LoReftConfig"):
         monkeypatch.delitem(adapters.__dict__, name, raising=False)
     return private

@@ -15,8 +15,8 @@ from .hookspecs import PLUGIN_API_VERSION, hookimpl, hookspec
 
 # name -> module that defines it (imported on first access)
 _CORE_NAMES = {
-    "init": "model",
-    "load_model": "model",
+    "init": "initialization",
+    "load_model": "initialization",
     "AdapterSetup": "context",
     "ForwardContext": "context",
     "AdapterModelInterface": "interface",

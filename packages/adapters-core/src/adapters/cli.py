@@ -454,7 +454,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if os.path.isdir(args.dst) and os.listdir(args.dst) and not args.force:
         raise CLIError(f"{args.dst} exists and is not empty; pass --force to write into it")
     from .errors import AdapterError
-    from .model import init
+    from .initialization import init
 
     model = _build_model(args.model, args.task)
     try:

@@ -25,6 +25,7 @@ __all__ = [
     "Average",
     "MultiTask",
     "parse_composition",
+    "fusion_names",
     "ALLOWED_NESTING",
 ]
 
@@ -197,6 +198,16 @@ ALLOWED_NESTING: dict[type, tuple[type, ...]] = {
 }
 #: Blocks that may only stand at the top of a setup (they act on the whole batch layout).
 TOP_LEVEL_ONLY = (Parallel, MultiTask)
+
+
+def fusion_names(setup: Setup | None) -> set[str]:
+    """Names of the fusion layers the ``Fuse`` blocks of ``setup`` use (any depth)."""
+    if not isinstance(setup, AdapterCompositionBlock):
+        return set()
+    found = {setup.fusion_name} if isinstance(setup, Fuse) else set()
+    for child in setup.children:
+        found |= fusion_names(child)
+    return found
 
 
 def parse_composition(setup: Setup | Sequence[Setup] | None) -> AdapterCompositionBlock | str | None:

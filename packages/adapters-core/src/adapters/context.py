@@ -23,9 +23,9 @@ __all__ = ["ForwardContext", "current_context", "call_context", "AdapterSetup", 
 
 _local = threading.local()
 #: How many AdapterSetup blocks are open in any thread (read in the pre-hook: skip the lookup at 0).
-_OPEN_SETUPS = 0
+OPEN_SETUPS = 0
 #: How many pushed contexts carry their own plans, in any thread (read by every adapter layer).
-_CALL_PLANS = 0
+CALL_PLANS = 0
 
 
 def _stack(name: str) -> list:
@@ -131,19 +131,19 @@ def call_context(token: int) -> ForwardContext | None:
 
 
 def push_context(ctx: ForwardContext) -> None:
-    global _CALL_PLANS
+    global CALL_PLANS
     _stack("contexts").append(ctx)
     if ctx.plans is not None:
-        _CALL_PLANS += 1
+        CALL_PLANS += 1
 
 
 def pop_context() -> None:
-    global _CALL_PLANS
+    global CALL_PLANS
     stack = _stack("contexts")
     if stack:
         ctx = stack.pop()
         if ctx.plans is not None:
-            _CALL_PLANS -= 1
+            CALL_PLANS -= 1
 
 
 class AdapterSetup:
@@ -169,15 +169,15 @@ class AdapterSetup:
         self.prompt_lengths: torch.Tensor | None = None
 
     def __enter__(self) -> AdapterSetup:
-        global _OPEN_SETUPS
+        global OPEN_SETUPS
         _stack("setups").append(self)
-        _OPEN_SETUPS += 1
+        OPEN_SETUPS += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        global _OPEN_SETUPS
+        global OPEN_SETUPS
         _stack("setups").remove(self)
-        _OPEN_SETUPS -= 1
+        OPEN_SETUPS -= 1
 
 
 def current_setup(model: Any) -> AdapterSetup | None:

@@ -38,7 +38,7 @@ def _calls() -> list:
 def call_setup(model: nn.Module) -> tuple[Any, AdapterSetup | None]:
     """``(parsed setup, AdapterSetup entry or None)`` that a call of ``model`` made now would run."""
     state = model._adapters_state
-    entry = current_setup(model) if _context._OPEN_SETUPS else None
+    entry = current_setup(model) if _context.OPEN_SETUPS else None
     if entry is None:
         return state.active, None
     parsed = entry.__dict__.get("_parsed", _MISSING)

@@ -426,7 +426,7 @@ def _norm_fields(rec: _Recorder, s: int, layer: nn.Module, info: _Layer) -> dict
 def _qkv_layout(model: nn.Module, rec: _Recorder, s: int, info: _Layer, inputs: dict[str, Any],
                 interface: AdapterModelInterface) -> str | None:
     """``"concat"`` or ``"per_head"``: the layout under which zeroing the ``v`` rows zeroes the attention output."""
-    from .points import _qkv_sizes
+    from .points import qkv_sizes
 
     sa = info.self_attn
     o, qkv = rec.get(s, sa.proj.get("o")), rec.get(s, sa.proj.get("qkv"))
@@ -434,7 +434,7 @@ def _qkv_layout(model: nn.Module, rec: _Recorder, s: int, info: _Layer, inputs: 
         return None
     for layout in ("concat", "per_head"):
         try:
-            fused = _qkv_sizes(getattr(model, "config", None), qkv.out.shape[-1],
+            fused = qkv_sizes(getattr(model, "config", None), qkv.out.shape[-1],
                                dataclasses.replace(interface, attn_qkv_layout=layout))
         except InterfaceError:
             continue

@@ -32,7 +32,7 @@ INTERFACE_FILE = "adapter_interface.json"
 #: ``[q_h | k_h | v_h]`` (GPT-NeoX).
 QKV_LAYOUTS = ("concat", "per_head")
 
-_PATH_FIELDS = (
+PATH_FIELDS = (
     "model_embeddings",
     "model_layers",
     "layer_self_attn",
@@ -134,7 +134,7 @@ class AdapterModelInterface:
                 f"AdapterModelInterface: attn_qkv_layout={self.attn_qkv_layout!r} is unknown; "
                 f"use one of {QKV_LAYOUTS}."
             )
-        for name in _PATH_FIELDS:
+        for name in PATH_FIELDS:
             value = getattr(self, name)
             paths = value if isinstance(value, list) else [value]
             for path in paths:
@@ -152,7 +152,7 @@ class AdapterModelInterface:
 
     def path_fields(self) -> dict[str, Any]:
         """Every path field that is set, by field name."""
-        return {name: getattr(self, name) for name in _PATH_FIELDS if getattr(self, name) is not None}
+        return {name: getattr(self, name) for name in PATH_FIELDS if getattr(self, name) is not None}
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:

@@ -8,7 +8,6 @@ added and activated the model computes exactly what it did before.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -17,14 +16,15 @@ from torch import nn
 
 from . import composition as ac
 from .errors import AdapterError, CompositionError
-from .forward import generate_with_setup, post_forward, pre_forward
+from .forward import generate_with_setup
 from .interface import AdapterModelInterface
 from .method import AdapterConfig, AttachSite
 from .plugins import registry
-from .points import InterfaceError, resolve_points
-from .state import AdapterRecord, AdapterState, FusionRecord, TrainingSetup, _names
+from .state import AdapterRecord, AdapterState, FusionRecord, setup_adapter_names
+from .summary import adapter_summary
+from .trainability import freeze_base, set_trainable
 
-__all__ = ["init", "AdapterModelMixin", "load_model"]
+__all__ = ["AdapterModelMixin"]
 
 _class_cache: dict[type, type] = {}
 
@@ -53,69 +53,6 @@ def _rebuild_adapter_model(original_class: type) -> nn.Module:
     """Unpickling / deep copy of an initialised model: an empty instance of its adapter class."""
     cls = _adapter_class(original_class)
     return cls.__new__(cls)
-
-
-def init(model: nn.Module, interface: AdapterModelInterface | str | None = None) -> nn.Module:
-    """Prepare ``model`` for adapters and return it (the same object).
-
-    :param model: any ``transformers`` model (base model or one with a task head), or any
-        ``nn.Module`` when ``interface`` is given.
-    :param interface: how to find the hook points; ``None`` uses the interface registered for
-        ``model.config.model_type``. ``"auto"`` does the same when one is registered and otherwise
-        infers one from the model's structure (:func:`adapters.infer.infer_interface`).
-    :raises InterfaceError: no interface is known for the model type (and none was asked to be
-        inferred), inference failed, or a path does not exist.
-
-    Idempotent: a second call returns the model unchanged (with a different ``interface`` it is
-    an error, since adapters may already sit on the old hook points).
-    """
-    auto = isinstance(interface, str) and interface == "auto"
-    if isinstance(interface, str) and not auto:
-        raise TypeError(f"interface must be an AdapterModelInterface, None or 'auto', got {interface!r}.")
-    state = getattr(model, "_adapters_state", None)
-    if state is not None:
-        if interface is not None and not auto and interface != state.interface:
-            raise InterfaceError(
-                "This model was already initialised with a different interface; adapters may sit on its hook "
-                "points. Build a fresh model to use another interface."
-            )
-        return model
-    if interface is None or auto:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        interface = registry.interface(model_type) if model_type else None
-        if interface is not None:
-            from .interfaces.builtin import BUILTIN_INTERFACES, fit_layer_stacks, interface_for_config
-
-            if interface is BUILTIN_INTERFACES.get(model_type):
-                interface = interface_for_config(model.config) or interface
-                interface = fit_layer_stacks(interface, model)
-        if interface is None and auto:
-            from .infer import infer_interface
-
-            interface = infer_interface(model)
-        elif interface is None:
-            known = ", ".join(registry.interface_types())
-            raise InterfaceError(
-                f"No model interface is registered for model type {model_type!r}. Pass one: "
-                f"adapters.init(model, interface=AdapterModelInterface(...)), or let adapters infer one from the "
-                f"model's structure: adapters.init(model, interface=\"auto\") (check it with "
-                f"adapters.infer_interface(model)). Model types with an interface: {known}."
-            )
-    if not isinstance(interface, AdapterModelInterface):
-        raise TypeError(f"interface must be an AdapterModelInterface, got {type(interface).__name__}.")
-    points = resolve_points(model, interface)
-    state = AdapterState(model=model, interface=interface, points=points)
-    model.__class__ = _adapter_class(type(model))
-    model._adapters_state = state
-    try:
-        params = list(inspect.signature(type(model).forward).parameters)[1:]
-    except (TypeError, ValueError):
-        params = []
-    state.forward_params = params  # type: ignore[attr-defined]
-    state.hook_handles.append(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
-    state.hook_handles.append(model.register_forward_hook(post_forward, always_call=True))
-    state.apply_setup(None)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------- model API
@@ -178,7 +115,7 @@ class AdapterModelMixin:
                 )
             method.validate(single, state.points)
             methods.append(method)
-        was_active = state.active is not None and adapter_name in _names(state.active)
+        was_active = state.active is not None and adapter_name in setup_adapter_names(state.active)
         previous_setup = state.active
         if adapter_name in state.adapters:
             if adapter_name in state.merged:
@@ -223,7 +160,7 @@ class AdapterModelMixin:
             raise AdapterError(f"Adapter '{adapter_name}' is merged into the weights; call reset_adapter() first.")
         for fusion in [f for f in state.fusions.values() if adapter_name in f.adapter_names]:
             self.delete_adapter_fusion(fusion.name)
-        if state.active is not None and adapter_name in _names(state.active):
+        if state.active is not None and adapter_name in setup_adapter_names(state.active):
             state.activate(_without(state.active, adapter_name))
         state.remove_modules(adapter_name, state.layers(adapter_name))
         for method in record.methods:
@@ -278,46 +215,19 @@ class AdapterModelMixin:
         if parsed is None:
             raise AdapterError("train_adapter needs at least one adapter name.")
         state.validate_setup(parsed)
-        self._set_trainable(set(_names(parsed)), set(), train_embeddings)
+        self._set_trainable(set(setup_adapter_names(parsed)), set(), train_embeddings)
         state.activate(parsed)
         self.train()
 
     def _set_trainable(self, adapter_names: set[str], fusion_names: set[str], train_embeddings: bool) -> None:
-        """The one place that decides ``requires_grad`` for a training setup (see :meth:`train_adapter`)."""
-        state = self._adapters_state
-        self._freeze_base(True)
-        # by id, so a parameter shared (share_parameters) with a trained adapter stays trainable
-        trained = {id(p) for name in adapter_names for p in state.adapter_parameters(name)}
-        trained |= {id(p) for fusion in fusion_names for p in state.fusion_parameters(fusion)}
-        for name in state.adapters:
-            for p in state.adapter_parameters(name):
-                p.requires_grad_(id(p) in trained)
-        for fusion in state.fusions:
-            for p in state.fusion_parameters(fusion):
-                p.requires_grad_(id(p) in trained)
-        for p in _head_parameters(self):
-            p.requires_grad_(True)
-        for p in _output_embedding_parameters(self):
-            p.requires_grad_(False)
-        if train_embeddings and state.points.embeddings is not None:
-            for p in state.points.embeddings.module.parameters():
-                p.requires_grad_(True)
-        state.training = TrainingSetup(frozenset(adapter_names), frozenset(fusion_names), bool(train_embeddings))
+        set_trainable(self, adapter_names, fusion_names, train_embeddings)
 
     def freeze_model(self, freeze: bool = True) -> None:
         """Freeze (or unfreeze) every weight of the base model except adapter weights. Unfreezing ends
         the training setup of :meth:`train_adapter` (the whole model is then yours to train)."""
-        self._freeze_base(freeze)
+        freeze_base(self, freeze)
         if not freeze:
             self._adapters_state.training = None
-
-    def _freeze_base(self, freeze: bool) -> None:
-        state = self._adapters_state
-        adapter_ids = {id(p) for name in state.adapters for p in state.adapter_parameters(name)}
-        adapter_ids |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
-        for p in state.points.base_model.parameters():
-            if id(p) not in adapter_ids:
-                p.requires_grad_(not freeze)
 
     # -- merging ---------------------------------------------------------------------------------
     def merge_adapter(self, name: str) -> None:
@@ -449,7 +359,7 @@ class AdapterModelMixin:
         fusion_name = _fusion_name(adapter_names)
         if fusion_name not in state.fusions:
             raise AdapterError(f"No AdapterFusion '{fusion_name}' (have: {sorted(state.fusions)}).")
-        if fusion_name in _fusion_names(state.active):
+        if fusion_name in ac.fusion_names(state.active):
             state.activate(None)
         state.fusions[fusion_name].method.delete_fusion(state, fusion_name)
         del state.fusions[fusion_name]
@@ -465,62 +375,18 @@ class AdapterModelMixin:
         if isinstance(parsed, str):
             raise CompositionError("train_adapter_fusion needs a Fuse block, e.g. Fuse('a', 'b').")
         state.validate_setup(parsed)
-        fusions = _fuse_blocks(parsed)
+        fusions = ac.fusion_names(parsed)
         if not fusions:
             raise CompositionError("train_adapter_fusion: the setup contains no Fuse block.")
-        self._set_trainable(set(_names(parsed)) if unfreeze_adapters else set(), fusions, False)
+        self._set_trainable(set(setup_adapter_names(parsed)) if unfreeze_adapters else set(), fusions, False)
         state.activate(parsed)
         self.train()
 
     # -- summary ---------------------------------------------------------------------------------
     def adapter_summary(self, as_dict: bool = False) -> str | list[dict[str, Any]]:
-        """A table of adapters: name, method, #params, % of the base model, active, trainable.
-
-        After the adapters (and fusion layers) come ``Task head`` (parameters outside the base
-        model, such as ``classifier`` or an untied ``lm_head``; only when there are any) and
-        ``Full model`` (the base model; ``train`` tells whether any of its own weights train).
-        """
-        state = self._adapters_state
-        adapter_ids = {id(p) for n in state.adapters for p in state.adapter_parameters(n)}
-        adapter_ids |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
-        base_params = [p for p in _unique_parameters(self) if id(p) not in adapter_ids]
-        base_count = sum(p.numel() for p in base_params)
-        inner_ids = {id(p) for p in state.points.base_model.parameters()}
-        head_params = [p for p in base_params if id(p) not in inner_ids]
-        inner_params = [p for p in base_params if id(p) in inner_ids]
-        active = set(_names(state.active)) if state.active is not None else set()
-        active_fusions = _fusion_names(state.active)
-
-        def row(name: str, method: str, params: list, active: bool, merged: bool = False) -> dict[str, Any]:
-            count = sum(p.numel() for p in params)
-            share = 100.0 * count / base_count if base_count else 0.0
-            return {"name": name, "method": method, "#params": count, "%params": share, "active": active,
-                    "train": any(p.requires_grad for p in params), "merged": merged}
-
-        rows = [row(name, "+".join(record.method_names), state.adapter_parameters(name), name in active,
-                    name in state.merged) for name, record in state.adapters.items()]
-        rows += [row(f"Fuse[{fusion_name}]", f"{fusion.method.name}-fusion", state.fusion_parameters(fusion_name),
-                     fusion_name in active_fusions) for fusion_name, fusion in state.fusions.items()]
-        if head_params:
-            rows.append(row("Task head", "", head_params, True))
-        # the whole model's size, but "train" asks about the base model's own weights only
-        rows.append({**row("Full model", "", inner_params, True), "#params": base_count, "%params": 100.0})
-        if as_dict:
-            return rows
-        header = f"{'Name':<24}{'Architecture':<20}{'#Param':>12}{'%Param':>10}  {'Active':<7}{'Train':<6}"
-        lines = ["=" * len(header), header, "-" * len(header)]
-        footer = False
-        for entry in rows:
-            if entry["name"] in ("Task head", "Full model") and not footer:
-                lines.append("-" * len(header))
-                footer = True
-            flag = " (merged)" if entry["merged"] else ""
-            lines.append(
-                f"{entry['name'][:23]:<24}{entry['method'][:19]:<20}{entry['#params']:>12,}{entry['%params']:>10.3f}  "
-                f"{entry['active']!s:<7}{entry['train']!s:<6}{flag}"
-            )
-        lines.append("=" * len(header))
-        return "\n".join(lines)
+        """A table of adapters: name, method, #params, % of the base model, active, trainable (merged);
+        see :func:`adapters.summary.adapter_summary`."""
+        return adapter_summary(self, as_dict)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_adapter(self, save_directory: str, adapter_name: str, with_head: bool = True,
@@ -583,68 +449,7 @@ def _fusion_name(adapter_names: Any) -> str:
     return ",".join(adapter_names)
 
 
-def _fuse_blocks(block: Any) -> set[str]:
-    if isinstance(block, str):
-        return set()
-    found = {block.fusion_name} if isinstance(block, ac.Fuse) else set()
-    for child in block.children:
-        found |= _fuse_blocks(child)
-    return found
-
-
-def _fusion_names(setup: Any) -> set[str]:
-    """Names of the fusion layers the ``Fuse`` blocks of ``setup`` use."""
-    if not isinstance(setup, ac.AdapterCompositionBlock):
-        return set()
-    found = {setup.fusion_name} if isinstance(setup, ac.Fuse) else set()
-    for child in setup.children:
-        found |= _fusion_names(child)
-    return found
-
-
-def _unique_parameters(module: nn.Module) -> list[nn.Parameter]:
-    return list({id(p): p for p in module.parameters()}.values())
-
-
-def _output_embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the model's output embeddings (LM head), tied or not; empty when it has none."""
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    return list(head.parameters()) if isinstance(head, nn.Module) else []
-
-
-def _head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Task-head parameters: outside the base model, not adapter weights, not the output embeddings."""
-    state = model._adapters_state
-    inside = {id(p) for p in state.points.base_model.parameters()}
-    inside |= {id(p) for n in state.adapters for p in state.adapter_parameters(n)}
-    inside |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
-    inside |= {id(p) for p in _output_embedding_parameters(model)}
-    return [p for p in _unique_parameters(model) if id(p) not in inside]
-
-
 def _undo_attach(state: AdapterState, site: AttachSite, name: str) -> None:
     state.remove_modules(name, list(reversed(site.touched)))
 
 
-def load_model(model_or_path: Any, adapter_path: str, **kwargs: Any) -> nn.Module:
-    """Build (or take) a model, ``init`` it with the interface saved beside an adapter, and load it.
-
-    :param model_or_path: a model instance, or a path / model id for ``AutoModel.from_pretrained``.
-    :param adapter_path: a directory written by ``save_adapter`` (with ``adapter_interface.json``
-        when the model used a custom interface).
-    """
-    import os
-
-    from .interface import INTERFACE_FILE
-
-    model = model_or_path
-    if isinstance(model_or_path, (str, os.PathLike)):
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(model_or_path)
-    interface_file = os.path.join(adapter_path, INTERFACE_FILE)
-    interface = AdapterModelInterface.load(interface_file) if os.path.exists(interface_file) else None
-    init(model, interface=interface)
-    model.load_adapter(adapter_path, **kwargs)
-    return model

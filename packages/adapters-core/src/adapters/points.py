@@ -220,7 +220,7 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def _qkv_sizes(config: object, out_features: int, interface: AdapterModelInterface) -> FusedQKV:
+def qkv_sizes(config: object, out_features: int, interface: AdapterModelInterface) -> FusedQKV:
     if interface.attn_qkv_split is not None:
         sizes = tuple(int(s) for s in interface.attn_qkv_split)
         if len(sizes) != 3 or sum(sizes) != out_features:
@@ -351,7 +351,7 @@ def _resolve_layer(r: _Resolver, lp: ModulePoint, i: int, stack: int, config: ob
                 setattr(ap, which, point)
         if ap.qkv is not None:
             _, out = linear_features(ap.qkv.module)
-            ap.fused = _qkv_sizes(config, out, it)
+            ap.fused = qkv_sizes(config, out, it)
         setattr(points, kind, ap)
     for attr, field_name, optional in (
         ("intermediate", "layer_intermediate_proj", False),

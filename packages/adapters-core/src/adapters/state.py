@@ -252,7 +252,8 @@ class AdapterState:
             self.validate_setup(setup)
             layers = self.layers()
             plans = tuple(None if setup is None else _restrict(setup, layer, self.merged) for layer in layers)
-            methods = {m for n in (_names(setup) if setup is not None else []) for m in self.adapters[n].methods}
+            names = setup_adapter_names(setup) if setup is not None else []
+            methods = {m for n in names for m in self.adapters[n].methods}
             parallel = len(setup) if isinstance(setup, ac.Parallel) else 1
             tasks = (tuple(c if isinstance(c, str) else c.name for c in setup.children)
                      if isinstance(setup, ac.MultiTask) else None)
@@ -307,7 +308,7 @@ class PlanTable:
     needs_context: bool
 
 
-def _names(setup: ac.AdapterCompositionBlock | str) -> list[str]:
+def setup_adapter_names(setup: ac.AdapterCompositionBlock | str) -> list[str]:
     return [setup] if isinstance(setup, str) else setup.flatten()
 
 

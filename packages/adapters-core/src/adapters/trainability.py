@@ -1,0 +1,63 @@
+"""Which parameters train: the one rule of ``train_adapter`` / ``train_adapter_fusion`` and the
+parameter groups it speaks of (task heads, output embeddings)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .state import TrainingSetup
+
+__all__ = ["set_trainable", "freeze_base", "unique_parameters", "head_parameters", "output_embedding_parameters"]
+
+
+def set_trainable(self: nn.Module, adapter_names: set[str], fusion_names: set[str], train_embeddings: bool) -> None:
+    """The one place that decides ``requires_grad`` for a training setup (see :meth:`train_adapter`)."""
+    state = self._adapters_state
+    freeze_base(self, True)
+    # by id, so a parameter shared (share_parameters) with a trained adapter stays trainable
+    trained = {id(p) for name in adapter_names for p in state.adapter_parameters(name)}
+    trained |= {id(p) for fusion in fusion_names for p in state.fusion_parameters(fusion)}
+    for name in state.adapters:
+        for p in state.adapter_parameters(name):
+            p.requires_grad_(id(p) in trained)
+    for fusion in state.fusions:
+        for p in state.fusion_parameters(fusion):
+            p.requires_grad_(id(p) in trained)
+    for p in head_parameters(self):
+        p.requires_grad_(True)
+    for p in output_embedding_parameters(self):
+        p.requires_grad_(False)
+    if train_embeddings and state.points.embeddings is not None:
+        for p in state.points.embeddings.module.parameters():
+            p.requires_grad_(True)
+    state.training = TrainingSetup(frozenset(adapter_names), frozenset(fusion_names), bool(train_embeddings))
+
+
+def freeze_base(self: nn.Module, freeze: bool) -> None:
+    state = self._adapters_state
+    adapter_ids = {id(p) for name in state.adapters for p in state.adapter_parameters(name)}
+    adapter_ids |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
+    for p in state.points.base_model.parameters():
+        if id(p) not in adapter_ids:
+            p.requires_grad_(not freeze)
+
+
+def unique_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return list({id(p): p for p in module.parameters()}.values())
+
+
+def output_embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the model's output embeddings (LM head), tied or not; empty when it has none."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return list(head.parameters()) if isinstance(head, nn.Module) else []
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Task-head parameters: outside the base model, not adapter weights, not the output embeddings."""
+    state = model._adapters_state
+    inside = {id(p) for p in state.points.base_model.parameters()}
+    inside |= {id(p) for n in state.adapters for p in state.adapter_parameters(n)}
+    inside |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
+    inside |= {id(p) for p in output_embedding_parameters(model)}
+    return [p for p in unique_parameters(model) if id(p) not in inside]
