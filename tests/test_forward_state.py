@@ -375,3 +375,13 @@ def test_two_fusions_of_the_same_adapters_each_run_their_own_weights() -> None:
     model.set_active_adapters(y)
     model.delete_adapter_fusion("y")
     assert model.active_adapters is None
+
+
+def test_task_ids_must_name_one_task_per_row() -> None:
+    model = _model("lora", "qwen3")
+    inputs = tiny_inputs(model, batch=4, seq=6)
+    model.set_active_adapters(ac.MultiTask("a", "b"))
+    for bad, match in ((["a", "b"], "2 entries for a batch of 4"), (["b"], "1 entries"), ([0, 1, 0], "3 entries"),
+                       ("abab", "one task per row")):
+        with pytest.raises(ValueError, match=match), torch.no_grad():
+            model(**inputs, task_ids=bad)

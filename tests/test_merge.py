@@ -184,3 +184,16 @@ def test_every_mergeable_method_compiles_fullgraph_after_eager_use(method) -> No
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(**inputs)[0], eager, rtol=1e-5, atol=1e-6)
+
+
+def test_a_merged_adapter_cannot_be_trained_and_save_pretrained_says_what_it_writes(tmp_path) -> None:
+    model = _model("qwen3", "lora", names=("a",), task="causal_lm")
+    model.set_active_adapters("a")
+    model.merge_adapter("a")
+    with pytest.raises(AdapterError, match="reset_adapter"):
+        model.train_adapter("a")
+    with pytest.warns(UserWarning, match="merge_and_unload"):
+        model.save_pretrained(str(tmp_path / "with_adapter"))
+    with pytest.raises(AdapterError, match=r"bottleneck adapters\); \['a', 'b'\] use \['lora'\]"):
+        model.add_adapter("b", config="lora")
+        model.add_adapter_fusion(["a", "b"])

@@ -151,3 +151,11 @@ def test_adapters_on_a_model_built_without_memory(method):
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, expected)
+
+
+def test_without_train_adapter_the_lm_head_is_not_saved(tmp_path):
+    model = _fresh("qwen3", "causal_lm")
+    model.add_adapter("a", config="lora")
+    with pytest.warns(UserWarning, match="not saved"):
+        model.save_adapter(str(tmp_path), "a")
+    assert not (tmp_path / "head.safetensors").exists()

@@ -72,15 +72,16 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 def _head_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The task head: parameters outside the base model, skipping any tied to a base-model tensor and the
-    output embeddings (``lm_head``) unless they are trainable (frozen by ``train_adapter``, so unchanged)."""
+    output embeddings (``lm_head``: frozen by ``train_adapter``, so unchanged) unless made trainable on
+    purpose after ``train_adapter``."""
     state = _state(model)
     base_ptrs = {p.data_ptr() for p in state.points.base_model.parameters()}
     base_ids = {id(p) for p in state.points.base_model.parameters()}
     getter = getattr(model, "get_output_embeddings", None)
     output = getter() if callable(getter) else None
     frozen_output = set()
-    if isinstance(output, nn.Module):
-        frozen_output = {id(p) for p in output.parameters() if not p.requires_grad}
+    if isinstance(output, nn.Module):  # trained only when unfrozen on purpose after train_adapter
+        frozen_output = {id(p) for p in output.parameters() if state.training is None or not p.requires_grad}
     out = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         skip = id(p) in base_ids or id(p) in frozen_output or p.data_ptr() in base_ptrs

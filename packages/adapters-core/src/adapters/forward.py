@@ -131,7 +131,13 @@ def _build_context(state: Any, table: Any, args: tuple, kwargs: dict, task_ids: 
     if table.task_names is not None:
         if task_ids is None:
             raise ValueError("The active setup is MultiTask: pass task_ids=[...] (one task per row) to forward.")
-        ids = _expand_rows(_task_tensor(task_ids, list(table.task_names)), _batch_size(named))
+        ids = _task_tensor(task_ids, list(table.task_names))
+        batch = _batch_size(named)
+        if entry is not None and entry.generation:
+            ids = _expand_rows(ids, batch)
+        if batch is not None and ids.numel() != batch:
+            raise ValueError(f"task_ids has {ids.numel()} entries for a batch of {batch} rows: pass one task per row "
+                             f"(a name of {list(table.task_names)} or its index).")
         device = next((t.device for t in (ctx.input_ids, ctx.attention_mask) if isinstance(t, torch.Tensor)), None)
         if device is None:
             device = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
@@ -158,7 +164,10 @@ def _real_lengths(mask: Any, named: dict[str, Any]) -> torch.Tensor | None:
 
 def _task_tensor(task_ids: Any, names: list[str]) -> torch.Tensor:
     if isinstance(task_ids, torch.Tensor):
-        return task_ids
+        return task_ids.reshape(-1)
+    if isinstance(task_ids, str) or not hasattr(task_ids, "__iter__"):
+        raise ValueError(f"task_ids must be a list or tensor with one task per row (names of {names} or indices), "
+                         f"not {task_ids!r}.")
     ids = []
     for t in task_ids:
         if isinstance(t, str):

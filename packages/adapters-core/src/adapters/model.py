@@ -45,6 +45,22 @@ def _adapter_class(cls: type) -> type:
                 "\n\nWith adapters: the active setup (or an open AdapterSetup) applies to the prompt and every "
                 "decode step; task_ids=... routes MultiTask rows; Parallel returns one copy per child.")
             namespace["generate"] = generate
+        original_save = getattr(cls, "save_pretrained", None)
+        if callable(original_save):
+            def save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+                state = self._adapters_state
+                if state.adapters:
+                    import warnings
+
+                    warnings.warn(
+                        f"save_pretrained writes the base model with the tensors of adapters {sorted(state.adapters)} "
+                        "under keys plain transformers ignores (it loads the base model alone). For a plain model "
+                        "with the adapters folded in: model.merge_and_unload().save_pretrained(...); for the "
+                        "adapter alone: model.save_adapter(...).", UserWarning, stacklevel=2)
+                return original_save(self, *args, **kwargs)
+
+            save_pretrained.__doc__ = original_save.__doc__
+            namespace["save_pretrained"] = save_pretrained
         _class_cache[cls] = type(cls.__name__, (AdapterModelMixin, cls), namespace)
     return _class_cache[cls]
 
@@ -215,6 +231,10 @@ class AdapterModelMixin:
         if parsed is None:
             raise AdapterError("train_adapter needs at least one adapter name.")
         state.validate_setup(parsed)
+        merged = [n for n in setup_adapter_names(parsed) if n in state.merged]
+        if merged:
+            raise AdapterError(f"Adapter(s) {merged} are merged into the base weights, so their own weights take no "
+                               "part in the forward pass and cannot train; call model.reset_adapter() first.")
         self._set_trainable(set(setup_adapter_names(parsed)), set(), train_embeddings)
         state.activate(parsed)
         self.train()
@@ -331,7 +351,9 @@ class AdapterModelMixin:
         records = [state.record(n) for n in names]
         owners = {m.name: m for r in records for m in r.methods if "Fuse" in m.supported_blocks}
         if len(owners) != 1:
-            raise AdapterError(f"AdapterFusion needs adapters of one method that supports Fuse; got {sorted(owners)}.")
+            methods = sorted({m.name for r in records for m in r.methods})
+            raise AdapterError(f"AdapterFusion fuses adapters of one method that supports Fuse (bottleneck adapters); "
+                               f"{names} use {methods}.")
         method = next(iter(owners.values()))
         fusion_name = name or fuse.fusion_name
         if fusion_name in state.fusions:
