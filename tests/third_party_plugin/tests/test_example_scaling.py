@@ -141,3 +141,11 @@ def test_composition_with_the_plugin():
     torch.testing.assert_close(out[4:], refs["b"], rtol=0, atol=1e-6)
     with pytest.raises(adapters.CompositionError, match=r"channel_scale.*Fuse"):
         model.set_active_adapters(ac.Fuse("a", "b"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_passes_the_shipped_conformance_suite(arch, tmp_path):
+    """The same checks our own methods pass (adapters.testing.conformance), run by a third-party package."""
+    from adapters.testing.conformance import check_method
+
+    assert check_method("channel_scale", arch, tmp_path)

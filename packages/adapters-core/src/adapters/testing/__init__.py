@@ -7,6 +7,9 @@ eval mode. Sizes: hidden 32, 2 layers (2 encoder + 2 decoder layers for T5/BART)
 key/value heads where the architecture has grouped-query attention), head dim 8, FFN width 64,
 vocabulary 128. ViT takes 32x32 images in 8x8 patches.
 
+:mod:`adapters.testing.conformance` holds the conformance checks every method must pass (ours run
+them on every architecture; a third-party method package runs them on its own method).
+
 Reuse from other test files::
 
     from adapters.testing import MODEL_TYPES, tiny_model, tiny_inputs, supports
@@ -379,7 +382,7 @@ class ToyEncoder(torch.nn.Module):
 
 def toy_interface() -> Any:
     """The :class:`~adapters.interface.AdapterModelInterface` of :class:`ToyEncoder`."""
-    from .interface import AdapterModelInterface
+    from ..interface import AdapterModelInterface
 
     return AdapterModelInterface(
         model_embeddings="embed", model_layers="blocks", layer_self_attn="attn", attn_q_proj="q", attn_k_proj="k",
