@@ -11,7 +11,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["lint", "core", "lora", "bottleneck", "reft", "vera", "third_party", "tests"]
+nox.options.sessions = ["lint", "core", "lora", "bottleneck", "reft", "vera", "third_party", "readme", "tests"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = False
 
@@ -106,7 +106,29 @@ def tests(session: nox.Session) -> None:
     """Everything installed: every package's tests plus the cross-package suite in tests/."""
     _install(session, CORE, *METHODS.values(), THIRD_PARTY, extra=("safetensors", "matplotlib", "accelerate", "peft"))
     paths = _tests([f"{CORE}/tests", *[f"{p}/tests" for p in METHODS.values()], "tests"])
-    session.run(*PYTEST, *paths, "--ignore", f"{THIRD_PARTY}")
+    # the README's examples run in the readme session, installed as the README says
+    session.run(*PYTEST, *paths, "--ignore", f"{THIRD_PARTY}", "--ignore", "tests/test_readme_examples.py")
+
+
+def _readme_install_args() -> list[str]:
+    """The arguments of the first ``pip install`` command of the README's Install section."""
+    import re
+    import shlex
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        section = fh.read().split("## Install", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).replace("\\\n", " ")
+    command = next(line for line in block.splitlines() if line.strip().startswith("pip install"))
+    return shlex.split(command)[2:]
+
+
+@nox.session
+def readme(session: nox.Session) -> None:
+    """The README's examples in an environment installed exactly as its Install section says."""
+    session.install(*CONSTRAINTS, *TORCH)
+    find_links = ("--find-links", LOCAL_TORCH) if nox.options.default_venv_backend == "uv" else ()
+    session.install(*CONSTRAINTS, *find_links, "pytest", *_readme_install_args())
+    session.run(*PYTEST, "tests/test_readme_examples.py")
 
 
 @nox.session

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import random
 import sys
 import time
@@ -214,8 +215,9 @@ def plot(results: list[dict[str, Any]], out: Path) -> Path | None:
         window = 5
         smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
                   for i in range(len(losses))]
-        ax.plot(losses, alpha=0.25)
-        ax.plot(smooth, label=f"{r['method']} (acc {r['acc_after']:.0%})", color=ax.lines[-1].get_color())
+        ax.plot(losses, alpha=0.25, label=f"{r['method']}: loss per step (raw)")
+        ax.plot(smooth, label=f"{r['method']}: mean of the last {window} steps (held-out acc {r['acc_after']:.0%})",
+                color=ax.lines[-1].get_color())
     ax.set_xlabel("training step")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title("all-MiniLM-L6-v2 + adapters: sentiment training loss")
@@ -255,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, test = load_data()
+    if args.no_progress:  # transformers' and the Hub's loading bars too, not only the training bars
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        transformers.utils.logging.disable_progress_bar()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     print(f"adapters {adapters.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.get_num_threads()} CPU threads")

@@ -176,7 +176,6 @@ def _edit_config(directory, **changes):
 
 
 @pytest.mark.parametrize("changes,needle", [
-    ({"modules_to_save": ["classifier"]}, "modules_to_save"),
     ({"bias": "all"}, "bias"),
     ({"peft_type": "IA3"}, "PEFT type 'IA3'"),
     ({"some_future_option": {"x": 1}}, "some_future_option"),
@@ -259,3 +258,31 @@ def test_our_peft_export_is_read_back_exactly_by_us_and_by_peft(tmp_path, model_
         torch.manual_seed(0)
         theirs = PeftModel.from_pretrained(tiny_model(model_type, "base"), str(tmp_path)).eval()
         torch.testing.assert_close(_out(theirs, inputs), ref, atol=1e-5, rtol=1e-5)
+
+
+
+@pytest.mark.skipif(not HAVE_PEFT, reason="peft is not installed")
+def test_classifier_heads_travel_as_modules_to_save_both_ways(tmp_path):
+    """A SEQ_CLS adapter with its trained classifier: peft -> us and us -> peft give identical outputs."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    theirs = get_peft_model(tiny_model("bert", "seq_cls"),
+                            LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    theirs.eval()
+    inputs = tiny_inputs(tiny_model("bert", "seq_cls"))
+    ref = _out(theirs, inputs)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = _ours("bert", "seq_cls")
+    ours.load_adapter(str(tmp_path / "peft"), set_active=True)
+    torch.testing.assert_close(_out(ours, inputs), ref, atol=1e-5, rtol=1e-5)
+    # and back: our PEFT export carries the head, peft applies it
+    ours.save_adapter(str(tmp_path / "ours"), "peft", format="peft")
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["classifier"]
+    back = PeftModel.from_pretrained(tiny_model("bert", "seq_cls"), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(_out(back, inputs), ref, atol=1e-5, rtol=1e-5)

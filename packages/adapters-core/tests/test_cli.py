@@ -230,3 +230,18 @@ def test_console_script_runs(tmp_path):
     assert result.returncode == 2
     assert "adapters summary: error:" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_convert_finds_the_task_of_a_saved_head_itself(toy, tmp_path, capsys):
+    _saved_toy_adapter(toy, tmp_path / "src", seed=5)  # saved from BertForSequenceClassification, with its head
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--model", "bert"]) == 0
+    out = capsys.readouterr().out
+    assert "--task seq_cls" in out and "converted adapter 'mood'" in out
+    assert (tmp_path / "dst" / "head.safetensors").exists()
+
+
+def test_convert_to_peft_names_the_method_first(toy, tmp_path, capsys):
+    _saved_toy_adapter(toy, tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "peft"), "--model", "bert", "--to", "peft"]) == 2
+    err = capsys.readouterr().err
+    assert f"it is a {toy.NAME} adapter" in err and "LoRA-family" in err and "head" not in err

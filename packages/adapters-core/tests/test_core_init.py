@@ -245,3 +245,21 @@ def test_init_any_module_with_an_interface(toy):
     net.delete_adapter("s")
     assert torch.equal(net(x), base)
     assert type(net.blocks[0].ff_out) is torch.nn.Linear
+
+
+def test_first_hour_messages():
+    """A wrong-case public name gets a did-you-mean; an interface prints one field per line; a plain
+    nn.Module without an interface is told what it lacks."""
+    import importlib.util
+
+    from adapters.testing import ToyEncoder, toy_interface
+
+    with pytest.raises(AttributeError, match="Did you mean 'Stack'"):
+        adapters.stack  # noqa: B018
+    text = str(toy_interface())
+    assert text.splitlines()[1].split() == ["model_embeddings", "embed"] and len(text.splitlines()) > 8
+    with pytest.raises(adapters.InterfaceError, match=r"ToyEncoder, which has no config\.model_type"):
+        adapters.init(ToyEncoder())
+    if importlib.util.find_spec("accelerate") is None:  # the core session: the hint names the extra
+        with pytest.raises(ImportError, match=r"adapters-core\[train\]"):
+            adapters.AdapterTrainer  # noqa: B018

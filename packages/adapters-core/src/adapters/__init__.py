@@ -49,6 +49,13 @@ __all__ = ["__version__", "hookimpl", "hookspec", "PLUGIN_API_VERSION", *_CORE_N
 
 
 def __getattr__(name: str) -> Any:
+    if name == "AdapterTrainer":
+        from importlib.util import find_spec
+
+        if find_spec("accelerate") is None:
+            raise ImportError("adapters.AdapterTrainer is a transformers Trainer, which needs accelerate: "
+                              "pip install 'adapters-core[train]' (from a checkout: "
+                              "pip install -e 'packages/adapters-core[train]').")
     if name in _CORE_NAMES:
         module_name = _CORE_NAMES[name]
         if module_name is None:
@@ -64,10 +71,21 @@ def __getattr__(name: str) -> Any:
         try:
             value = registry.export(name)
         except KeyError:
-            raise AttributeError(f"module 'adapters' has no attribute '{name}'") from None
+            raise AttributeError(_unknown(name)) from None
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'adapters' has no attribute '{name}'")
+    raise AttributeError(_unknown(name))
+
+
+def _unknown(name: str) -> str:
+    """The message for a name ``adapters`` does not have, with the closest public names."""
+    import difflib
+
+    known = __dir__()
+    close = [k for k in known if k.lower() == name.lower()]
+    close += [k for k in difflib.get_close_matches(name, known, n=3, cutoff=0.6) if k not in close]
+    hint = f" Did you mean {' or '.join(repr(c) for c in close[:3])}?" if close else ""
+    return f"module 'adapters' has no attribute '{name}'.{hint}"
 
 
 def __dir__() -> list[str]:

@@ -30,6 +30,8 @@ from .checkpoint_io import (
     WEIGHTS_FILE,
     WEIGHTS_FILE_PT,
     LoadedCheckpoint,
+    embedding_tensors,
+    head_tensors,
     read_json,
     read_tensors,
 )
@@ -68,37 +70,6 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         for pkey, tensor in module.state_dict().items():
             out[f"shared.{key}.{pkey}"] = tensor.detach().clone().contiguous()
     return out
-
-
-def _head_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The task head: parameters outside the base model, skipping any tied to a base-model tensor and the
-    output embeddings (``lm_head``: frozen by ``train_adapter``, so unchanged) unless made trainable on
-    purpose after ``train_adapter``."""
-    state = _state(model)
-    base_ptrs = {p.data_ptr() for p in state.points.base_model.parameters()}
-    base_ids = {id(p) for p in state.points.base_model.parameters()}
-    getter = getattr(model, "get_output_embeddings", None)
-    output = getter() if callable(getter) else None
-    frozen_output = set()
-    if isinstance(output, nn.Module):  # trained only when unfrozen on purpose after train_adapter
-        frozen_output = {id(p) for p in output.parameters() if state.training is None or not p.requires_grad}
-    out = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        skip = id(p) in base_ids or id(p) in frozen_output or p.data_ptr() in base_ptrs
-        if skip or name.startswith("adapters_shared."):
-            continue
-        out[name] = p.detach().clone().contiguous()
-    return out
-
-
-def _embedding_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The input embeddings' tensors when a training setup made them trainable (``train_embeddings=True``,
-    or unfrozen by hand after ``train_adapter``)."""
-    state = _state(model)
-    point = state.points.embeddings
-    if state.training is None or point is None or not any(p.requires_grad for p in point.module.parameters()):
-        return {}
-    return {k: v.detach().clone().contiguous() for k, v in point.module.state_dict().items()}
 
 
 def _unsaved_trainable(model: nn.Module, saved: set[int]) -> list[str]:
@@ -156,8 +127,8 @@ def save_adapter(model: nn.Module, directory: str, name: str, *, with_head: bool
     state = _state(model)
     tensors = adapter_tensors(model, name)
     meta = _meta(model, name)
-    head = _head_tensors(model) if with_head else {}
-    embeddings = _embedding_tensors(model)
+    head = head_tensors(model) if with_head else {}
+    embeddings = embedding_tensors(model)
     kept = {id(p) for p in state.points.embeddings.module.parameters()} if embeddings else set()
     unsaved = _unsaved_trainable(model, kept)
     if unsaved:

@@ -17,7 +17,8 @@ from torch import nn
 from .errors import CheckpointError
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "WEIGHTS_FILE_PT", "HEAD_FILE", "EMBEDDINGS_FILE", "FUSION_CONFIG_FILE",
-           "FUSION_WEIGHTS_FILE", "LoadedCheckpoint", "READERS", "read_json", "read_tensors"]
+           "FUSION_WEIGHTS_FILE", "LoadedCheckpoint", "READERS", "read_json", "read_tensors", "head_tensors",
+           "embedding_tensors"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -84,3 +85,34 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
                                              for k, v in data.items()):
         raise CheckpointError(f"{path} does not hold a dict of named tensors.")
     return data
+
+
+def head_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The task head: parameters outside the base model, skipping any tied to a base-model tensor and the
+    output embeddings (``lm_head``: frozen by ``train_adapter``, so unchanged) unless made trainable on
+    purpose after ``train_adapter``."""
+    state = model._adapters_state
+    base_ptrs = {p.data_ptr() for p in state.points.base_model.parameters()}
+    base_ids = {id(p) for p in state.points.base_model.parameters()}
+    getter = getattr(model, "get_output_embeddings", None)
+    output = getter() if callable(getter) else None
+    frozen_output = set()
+    if isinstance(output, nn.Module):  # trained only when unfrozen on purpose after train_adapter
+        frozen_output = {id(p) for p in output.parameters() if state.training is None or not p.requires_grad}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        skip = id(p) in base_ids or id(p) in frozen_output or p.data_ptr() in base_ptrs
+        if skip or name.startswith("adapters_shared."):
+            continue
+        out[name] = p.detach().clone().contiguous()
+    return out
+
+
+def embedding_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The input embeddings' tensors when a training setup made them trainable (``train_embeddings=True``,
+    or unfrozen by hand after ``train_adapter``)."""
+    state = model._adapters_state
+    point = state.points.embeddings
+    if state.training is None or point is None or not any(p.requires_grad for p in point.module.parameters()):
+        return {}
+    return {k: v.detach().clone().contiguous() for k, v in point.module.state_dict().items()}

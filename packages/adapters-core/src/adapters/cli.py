@@ -453,18 +453,44 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.src} is not a directory holding a saved adapter")
     if os.path.isdir(args.dst) and os.listdir(args.dst) and not args.force:
         raise CLIError(f"{args.dst} exists and is not empty; pass --force to write into it")
+    from .checkpoint import read_checkpoint
     from .errors import AdapterError
     from .initialization import init
 
-    model = _build_model(args.model, args.task)
+    try:
+        source = read_checkpoint(args.src)
+    except (AdapterError, ValueError, TypeError) as exc:
+        raise CLIError(f"cannot convert {args.src}: {exc}") from None
+    methods = {c.method for c in source.config.configs} if source.config is not None else set()
+    if args.to == "peft" and methods - {"lora"}:
+        raise CLIError(f"cannot convert {args.src} to PEFT: it is a {', '.join(sorted(methods))} adapter, and PEFT's "
+                       "format holds LoRA-family adapters (LoRA, DoRA) only. Keep it in the native format.")
+    task = args.task if args.task is not None else _task_of(source.meta.get("model_class"), bool(source.head))
+    model = _build_model(args.model, task)
     try:
         init(model)
         name = model.load_adapter(args.src)
-        model.save_adapter(args.dst, name, format=args.to)
+        with warnings.catch_warnings():  # the model is built only to carry the adapter: its weights do not matter
+            warnings.simplefilter("ignore", UserWarning)
+            model.save_adapter(args.dst, name, format=args.to)
     except (AdapterError, ValueError, TypeError) as exc:
         raise CLIError(f"cannot convert {args.src}: {exc}") from None
     print(f"converted adapter '{name}' ({args.src}) to the {args.to} format in {args.dst}")
     return 0
+
+
+def _task_of(model_class: str | None, has_head: bool) -> str:
+    """The ``--task`` a checkpoint with a head needs: from the model class it was saved from
+    (``BertForSequenceClassification`` -> ``seq_cls``); ``base`` without a head."""
+    from . import testing
+
+    if has_head and model_class:
+        for task, auto_name in testing.TASKS.items():
+            suffix = auto_name.removeprefix("AutoModel")
+            if suffix and model_class.endswith(suffix):
+                print(f"the adapter carries a {model_class} head: converting with --task {task}")
+                return task
+    return "base"
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -539,9 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="MODEL",
                    help="the base model the adapter belongs to: a local model directory (with config.json) or a "
                         "model type (its tiny test model)")
-    p.add_argument("--task", default="base", choices=["base", "causal_lm", "seq2seq_lm", "seq_cls"],
+    p.add_argument("--task", default=None, choices=["base", "causal_lm", "seq2seq_lm", "seq_cls"],
                    help="which Auto class builds the model; use the class the adapter was trained on for PEFT "
-                        "checkpoints, whose keys include the model's module paths (default: base)")
+                        "checkpoints, whose keys include the model's module paths (default: the task of the head "
+                        "the adapter carries, else base)")
     p.add_argument("--to", choices=CONVERT_FORMATS, default="native", help="output format (default: native)")
     p.add_argument("--force", action="store_true", help="write into DST even if it is not empty")
     p.set_defaults(func=cmd_convert)

@@ -58,8 +58,10 @@ def init(model: nn.Module, interface: AdapterModelInterface | str | None = None)
             interface = infer_interface(model)
         elif interface is None:
             known = ", ".join(registry.interface_types())
+            what = (f"model type {model_type!r}" if model_type else
+                    f"{type(model).__name__}, which has no config.model_type (not a transformers model)")
             raise InterfaceError(
-                f"No model interface is registered for model type {model_type!r}. Pass one: "
+                f"No model interface is registered for {what}. Pass one: "
                 f"adapters.init(model, interface=AdapterModelInterface(...)), or let adapters infer one from the "
                 f"model's structure: adapters.init(model, interface=\"auto\") (check it with "
                 f"adapters.infer_interface(model)). Model types with an interface: {known}."

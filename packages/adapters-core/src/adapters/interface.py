@@ -150,6 +150,15 @@ class AdapterModelInterface:
         """Whether this interface allows adapters of method family ``method``."""
         return self.adapter_methods is None or method in self.adapter_methods
 
+    def __str__(self) -> str:
+        """One field per line (set fields only), as ``adapters inspect`` shows an interface."""
+        width = max(len(name) for name in PATH_FIELDS)
+        lines = [f"AdapterModelInterface ({self.model_type or 'no model type'})"]
+        lines += [f"  {name:<{width}}  {value}" for name, value in self.path_fields().items()]
+        extra = {k: v for k, v in self.__dict__.items() if k not in PATH_FIELDS and k != "model_type" and v}
+        lines += [f"  {name:<{width}}  {value}" for name, value in extra.items()]
+        return "\n".join(lines)
+
     def path_fields(self) -> dict[str, Any]:
         """Every path field that is set, by field name."""
         return {name: getattr(self, name) for name in PATH_FIELDS if getattr(self, name) is not None}

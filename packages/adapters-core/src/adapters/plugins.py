@@ -307,7 +307,8 @@ class Registry:
         if dist is not None:
             return MissingPluginError(
                 f"{kind} '{name}' is provided by the '{dist}' distribution, which is not installed "
-                f"(or is disabled). Install it with: pip install {dist}"
+                f"(or is disabled). Install it with: pip install {dist} (from a checkout of the adapters "
+                f"repository: pip install -e packages/{dist})"
             )
         available = ", ".join(sorted(known)) or "none installed"
         close = difflib.get_close_matches(name, sorted(known), n=1)

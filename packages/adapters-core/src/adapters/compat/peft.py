@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint_io import CONFIG_FILE, LoadedCheckpoint
+from ..checkpoint_io import CONFIG_FILE, LoadedCheckpoint, embedding_tensors, head_tensors
 from ..errors import AdapterError, CheckpointError
 from ._common import Target, match_module, method_config_class, module_targets, read_json, read_tensors, rows_of
 
@@ -40,12 +40,12 @@ _IGNORED = {
     "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "layers_pattern",
     "layers_to_transform", "loftq_config", "lora_alpha", "lora_dropout", "lora_ga_config", "megatron_core",
     "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern", "revision", "target_modules",
-    "task_type", "use_dora", "use_rslora",
+    "task_type", "use_dora", "use_rslora", "modules_to_save",
 }
 #: Options that change the forward pass in ways we do not reproduce: they must be off.
 _MUST_BE_OFF = {
     "alora_invocation_tokens", "arrow_config", "kasa_config", "layer_replication", "lora_bias", "megatron_config",
-    "modules_to_save", "monteclora_config", "target_parameters", "trainable_token_indices", "use_bdlora",
+    "monteclora_config", "target_parameters", "trainable_token_indices", "use_bdlora",
     "use_qalora", "velora_config",
 }
 
@@ -102,6 +102,8 @@ def read_peft(directory: str) -> LoadedCheckpoint | None:
     weights_path = existing[0]
     tensors = read_tensors(weights_path)
     modules: dict[str, dict[str, torch.Tensor]] = {}
+    saved_whole: dict[str, torch.Tensor] = {}  # modules_to_save: trained copies of whole modules (task heads)
+    to_save = cfg.get("modules_to_save") or []
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
             raise CheckpointError(f"{weights_path}: unexpected key '{key}' (PEFT keys start with '{PREFIX}').")
@@ -111,8 +113,12 @@ def read_peft(directory: str) -> LoadedCheckpoint | None:
                 modules.setdefault(rest[: -len(suffix) - 1], {})[ours] = tensor
                 break
         else:
+            owner = rest.rsplit(".", 1)[0]
+            if any(owner == m or owner.endswith("." + m) for m in to_save):
+                saved_whole[rest] = tensor
+                continue
             raise CheckpointError(f"{weights_path}: key '{key}' is not a LoRA weight (lora_A, lora_B, "
-                                  "lora_magnitude_vector); embedding LoRA and modules_to_save are not supported.")
+                                  "lora_magnitude_vector) nor in modules_to_save; embedding LoRA is not supported.")
     if not modules:
         raise CheckpointError(f"{weights_path} holds no LoRA weights.")
     use_dora = bool(cfg.get("use_dora", False))
@@ -131,7 +137,9 @@ def read_peft(directory: str) -> LoadedCheckpoint | None:
     meta = {"format": "peft", "name": name, "peft_config": cfg}
 
     def resolve(model: nn.Module) -> LoadedCheckpoint:
-        return _resolve(model, cfg, modules, weights_path, name, directory)
+        loaded = _resolve(model, cfg, modules, weights_path, name, directory)
+        loaded.head = dict(saved_whole) or None  # loaded by name, like a native head.safetensors
+        return loaded
 
     return LoadedCheckpoint(name=name, config=None, tensors={}, meta=meta, source=directory, resolve=resolve)
 
@@ -314,6 +322,13 @@ def save_peft(model: nn.Module, directory: str, name: str) -> None:
         if k != 1:
             rank_pattern[target.path] = k * r
             alpha_pattern[target.path] = config.alpha * (math.sqrt(k) if config.use_rslora else k)
+    # the task head and trained input embeddings travel as PEFT's modules_to_save (whole-module copies)
+    whole = dict(head_tensors(model))
+    embeddings = embedding_tensors(model)
+    if embeddings:
+        whole.update({f"{state.points.embeddings.path}.{k}": v for k, v in embeddings.items()})
+    for key, tensor in whole.items():
+        out[PREFIX + key] = tensor
     original = getattr(type(model), "_adapters_original_class", type(model))
     mconfig = getattr(model, "config", None)
     peft_config = {
@@ -330,7 +345,7 @@ def save_peft(model: nn.Module, directory: str, name: str) -> None:
         "fan_in_fan_out": fan_in_fan_out,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "modules_to_save": None,
+        "modules_to_save": sorted({key.rsplit(".", 1)[0] for key in whole}) or None,
         "layers_to_transform": None,
         "init_lora_weights": True,
         "inference_mode": True,
