@@ -222,9 +222,11 @@ def _console_script() -> str:
 
 def test_console_script_runs(tmp_path):
     script = _console_script()
-    result = subprocess.run([script, "inspect", "bert"], capture_output=True, text=True, timeout=120)
+    # what the console script adds is the entry point: commands are tested in-process (torch would make a
+    # subprocess slow and its time swing with the machine's load)
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "every path resolves" in result.stdout
+    assert result.stdout.strip() == f"adapters-core {adapters.__version__}"
     result = subprocess.run([script, "summary", str(tmp_path / "missing")], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
