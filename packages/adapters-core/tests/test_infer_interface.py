@@ -16,7 +16,8 @@ from torch import nn
 import adapters
 from adapters import AdapterModelInterface, InterfaceError
 from adapters.infer import infer_interface
-from adapters.interfaces.builtin import fit_layer_stacks, interface_for_config
+from adapters.interface_fit import fit_layer_stacks
+from adapters.interfaces.builtin import interface_for_config
 from adapters.plugins import registry
 from adapters.points import ModelPoints, resolve_points
 from adapters.testing import MODEL_TYPES, ToyEncoder, tiny_inputs, tiny_model, toy_interface

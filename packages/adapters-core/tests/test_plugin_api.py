@@ -90,3 +90,34 @@ def test_registered_names_without_entry_points_are_reported(toy):
     with pytest.warns(PluginLoadWarning, match=r"adapters.methods: toy_extra; adapters.exports: ToyScaleConfig"):
         registry.register_plugin(Plugin(), distribution="dist-x")
     assert "toy_extra" in registry.config_strings  # reported, still usable
+
+
+def test_an_interface_plugin_registers_config_variants():
+    """What built-in interfaces get, a plugin's get too: a variant for some configurations (here: a model
+    whose FFN projections are named differently), chosen by ``adapters.init`` from the model's config
+    (and then fitted to the layer stacks the class has, as every registered interface is)."""
+    import dataclasses
+
+    import adapters
+    from adapters.testing import ToyEncoder, toy_interface
+
+    base = toy_interface()
+    renamed_ffn = dataclasses.replace(base, layer_intermediate_proj="ffn.w1", layer_output_proj="ffn.w2")
+
+    class Plugin:
+        @plugin.hookimpl
+        def adapters_register_model_interfaces(self, register):
+            register("toy-variants", base,
+                     for_config=lambda config: renamed_ffn if getattr(config, "renamed_ffn", False) else None)
+
+    adapters.register_plugin(Plugin(), distribution="toy-variants-plugin")
+    plain = ToyEncoder()
+    plain.config.model_type = "toy-variants"
+    adapters.init(plain)
+    assert plain.adapter_interface.layer_output_proj == "ffn.down"
+    renamed = ToyEncoder()
+    for block in renamed.blocks:
+        block.ffn["w1"], block.ffn["w2"] = block.ffn.pop("up"), block.ffn.pop("down")
+    renamed.config.model_type, renamed.config.renamed_ffn = "toy-variants", True
+    adapters.init(renamed)  # validates every path of the variant on the model
+    assert renamed.adapter_interface.layer_output_proj == "ffn.w2"

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .interface import AdapterModelInterface
     from .method import AdapterMethod
 
 PROJECT = "adapters"
@@ -60,14 +59,17 @@ def adapters_register_methods(register: Callable[[AdapterMethod], None]) -> None
 
 
 @hookspec(historic=True)
-def adapters_register_model_interfaces(register: Callable[[str, AdapterModelInterface], None]) -> None:
+def adapters_register_model_interfaces(register: Callable[..., None]) -> None:
     """Register model interfaces, keyed by ``config.model_type``.
 
     Call ``register(model_type, interface)`` for every model type the plugin knows how to map.
-    ``adapters.init(model)`` then uses the interface registered for ``model.config.model_type``.
+    ``adapters.init(model)`` then uses the interface registered for ``model.config.model_type``,
+    without the layer stacks the model class lacks (encoder-only classes of encoder-decoder types).
 
-    :param register: callback ``register(model_type: str, interface: AdapterModelInterface)``;
-        registering a model type that another distribution already registered is an error
-        naming both.
+    :param register: callback ``register(model_type: str, interface: AdapterModelInterface,
+        for_config=None)``; ``for_config(config)`` may return another interface for configurations
+        with another module structure (gated FFN, post-norm, cross-attention), or ``None`` for the
+        registered one. Registering a model type that another distribution already registered is an
+        error naming both.
     :return: nothing; return values are ignored.
     """

@@ -45,13 +45,7 @@ def init(model: nn.Module, interface: AdapterModelInterface | str | None = None)
         return model
     if interface is None or auto:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        interface = registry.interface(model_type) if model_type else None
-        if interface is not None:
-            from .interfaces.builtin import BUILTIN_INTERFACES, fit_layer_stacks, interface_for_config
-
-            if interface is BUILTIN_INTERFACES.get(model_type):
-                interface = interface_for_config(model.config) or interface
-                interface = fit_layer_stacks(interface, model)
+        interface = registry.interface_for_model(model)
         if interface is None and auto:
             from .infer import infer_interface
 

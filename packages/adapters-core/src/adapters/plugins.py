@@ -20,7 +20,7 @@ import importlib
 import os
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
@@ -134,6 +134,7 @@ class Registry:
         self.config_strings: dict[str, tuple[AdapterMethod, Any]] = {}
         self.exports: dict[str, tuple[Any, str]] = {}
         self.interfaces: dict[str, tuple[AdapterModelInterface, str]] = {}
+        self.interface_variants: dict[str, Callable[[Any], AdapterModelInterface | None]] = {}
         self.failed: dict[str, tuple[PluginInfo, BaseException]] = {}
         self._owner: dict[tuple[str, str], str] = {}
         self._loaded_modules: set[str] = set()
@@ -280,16 +281,38 @@ class Registry:
             raise PluginError(f"Several installed plugins declare a default adapter config: {owners}. Pass config=...")
         return next(iter(declared), None)
 
-    def _register_interface(self, model_type: str, interface: AdapterModelInterface) -> None:
+    def _register_interface(self, model_type: str, interface: AdapterModelInterface,
+                            for_config: Callable[[Any], AdapterModelInterface | None] | None = None) -> None:
         from .interface import AdapterModelInterface
 
         if not isinstance(interface, AdapterModelInterface):
             raise PluginError(f"{self._current_distribution} registered {interface!r} for {model_type!r}, "
                               "which is not an AdapterModelInterface.")
+        if for_config is not None and not callable(for_config):
+            raise PluginError(f"{self._current_distribution} registered for_config={for_config!r} for "
+                              f"{model_type!r}; it must be a function of the model's config.")
         self._claim("model interface", model_type)
         if interface.model_type is None:
             interface.model_type = model_type
         self.interfaces[model_type] = (interface, self._current_distribution)
+        if for_config is not None:
+            self.interface_variants[model_type] = for_config
+
+    def interface_for_model(self, model: Any) -> AdapterModelInterface | None:
+        """The registered interface for ``model.config.model_type``, as that model needs it: the plugin's
+        variant for the model's config (``for_config``), without the layer stacks the model class
+        lacks (an encoder-only class of an encoder-decoder type). ``None`` when none is registered."""
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        interface = self.interface(model_type) if model_type else None
+        if interface is None:
+            return None
+        variant = self.interface_variants.get(model_type)
+        if variant is not None:
+            interface = variant(config) or interface
+        from .interface_fit import fit_layer_stacks
+
+        return fit_layer_stacks(interface, model)
 
     # ------------------------------------------------------------------ lookups
     def _missing(self, kind: str, name: str, known: Iterable[str]) -> Exception:
