@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import adapters
 from adapters.errors import CheckpointError
+from adapters.testing import tiny_model
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "compat")
 
@@ -149,3 +150,27 @@ def test_adapterhub_loreft_gives_recorded_outputs(model_type):
     out = _out(model, ref["input_ids"])
     assert not torch.allclose(out, base, atol=1e-3)
     torch.testing.assert_close(out, ref["output"], atol=1e-5, rtol=0)
+
+
+def test_summary_and_the_readers_use_one_format_rule(tmp_path):
+    """``adapters summary`` names the format the loaders read (one rule: checkpoint_io.detect_format)."""
+    import json
+
+    from adapters.checkpoint_io import detect_format
+    from adapters.cli import _read_adapter_dir
+
+    labels = {"native": "adapters (native)", "peft": "PEFT", "adapterhub": "AdapterHub adapters 1.x"}
+    model = adapters.init(tiny_model("bert"))
+    model.add_adapter("x", config="lora")
+    model.save_adapter(str(tmp_path / "native"), "x")
+    folders = [str(tmp_path / "native")] + [os.path.join(DATA, d) for d in sorted(os.listdir(DATA))
+                                             if os.path.exists(os.path.join(DATA, d, "adapter_config.json"))]
+    seen = set()
+    for folder in folders:
+        with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as fh:
+            kind = detect_format(json.load(fh))
+        if kind is None:
+            continue
+        seen.add(kind)
+        assert _read_adapter_dir(folder)["format"] == labels[kind], folder
+    assert seen == set(labels)

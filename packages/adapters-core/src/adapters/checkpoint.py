@@ -30,6 +30,7 @@ from .checkpoint_io import (
     WEIGHTS_FILE,
     WEIGHTS_FILE_PT,
     LoadedCheckpoint,
+    detect_format,
     embedding_tensors,
     head_tensors,
     read_json,
@@ -177,9 +178,9 @@ def read_native(directory: str) -> LoadedCheckpoint | None:
     if not os.path.exists(config_path):
         return None
     meta = read_json(config_path)
-    cfg = meta.get("config")
-    if not isinstance(cfg, dict) or "method" not in cfg:
+    if detect_format(meta) != "native":
         return None  # not ours; another reader may know it
+    cfg = meta["config"]
     existing = [w for w in weights if os.path.exists(w)]
     if not existing:
         raise CheckpointError(f"{directory} has {CONFIG_FILE} but no weights file ({WEIGHTS_FILE}).")

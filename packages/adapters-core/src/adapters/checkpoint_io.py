@@ -18,7 +18,7 @@ from .errors import CheckpointError
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "WEIGHTS_FILE_PT", "HEAD_FILE", "EMBEDDINGS_FILE", "FUSION_CONFIG_FILE",
            "FUSION_WEIGHTS_FILE", "LoadedCheckpoint", "READERS", "read_json", "read_tensors", "head_tensors",
-           "embedding_tensors"]
+           "embedding_tensors", "detect_format"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -116,3 +116,17 @@ def embedding_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     if state.training is None or point is None or not any(p.requires_grad for p in point.module.parameters()):
         return {}
     return {k: v.detach().clone().contiguous() for k, v in point.module.state_dict().items()}
+
+
+def detect_format(meta: dict[str, Any]) -> str | None:
+    """The format of an ``adapter_config.json`` (its parsed ``meta``): ``"native"``, ``"peft"``,
+    ``"adapterhub"`` (AdapterHub ``adapters`` 1.x) or ``None``. The one rule every reader and
+    ``adapters summary`` use."""
+    cfg = meta.get("config")
+    if isinstance(cfg, dict) and "method" in cfg:
+        return "native"
+    if "peft_type" in meta:
+        return "peft"
+    if isinstance(cfg, dict) and (str(meta.get("version", "")).startswith("adapters.") or "architecture" in cfg):
+        return "adapterhub"
+    return None

@@ -355,9 +355,12 @@ def _read_adapter_dir(directory: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CLIError(f"{config_path} does not hold a JSON object")
 
+    from .checkpoint_io import detect_format
+
     info: dict[str, Any] = {"directory": directory}
     cfg = meta.get("config")
-    if isinstance(cfg, dict) and "method" in cfg:
+    kind = detect_format(meta)  # the rule the readers use
+    if kind == "native":
         info["format"] = "adapters (native)"
         info["name"] = meta.get("name")
         if cfg.get("method") == "union":
@@ -371,14 +374,14 @@ def _read_adapter_dir(directory: str) -> dict[str, Any]:
         info["saved_with"] = {"adapters-core": meta.get("version")}
         info["method_packages"] = meta.get("methods") or {}
         candidates = [WEIGHTS_FILE, WEIGHTS_FILE_PT]
-    elif "peft_type" in meta:
+    elif kind == "peft":
         info["format"] = "PEFT"
         info["name"] = os.path.basename(os.path.normpath(directory))
         info["method"] = str(meta.get("peft_type")).lower()
         info["config"] = {k: v for k, v in meta.items() if k not in ("peft_type", "base_model_name_or_path")}
         info["base_model"] = {"model_name": meta.get("base_model_name_or_path")}
         candidates = ["adapter_model.safetensors", "adapter_model.bin"]
-    elif isinstance(cfg, dict) and ("architecture" in cfg or "reduction_factor" in cfg or "r" in cfg):
+    elif kind == "adapterhub":
         info["format"] = "AdapterHub adapters 1.x"
         info["name"] = meta.get("name")
         info["method"] = cfg.get("architecture") or "bottleneck"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint_io import CONFIG_FILE, LoadedCheckpoint
+from ..checkpoint_io import CONFIG_FILE, LoadedCheckpoint, detect_format
 from ..errors import CheckpointError
 from ._common import method_config_class, read_json, read_tensors
 
@@ -42,10 +42,7 @@ _LORA_KEY = re.compile(r"^(?P<path>.+)\.loras\.(?P<name>[^.]+)\.(?P<param>lora_A
 
 
 def _is_adapterhub(meta: dict[str, Any]) -> bool:
-    cfg = meta.get("config")
-    if not isinstance(cfg, dict) or "method" in cfg:
-        return False
-    return str(meta.get("version", "")).startswith("adapters.") or "architecture" in cfg
+    return detect_format(meta) == "adapterhub"
 
 
 def read_adapterhub(directory: str) -> LoadedCheckpoint | None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint_io import CONFIG_FILE, LoadedCheckpoint, embedding_tensors, head_tensors
+from ..checkpoint_io import CONFIG_FILE, LoadedCheckpoint, detect_format, embedding_tensors, head_tensors
 from ..errors import AdapterError, CheckpointError
 from ._common import Target, match_module, method_config_class, module_targets, read_json, read_tensors, rows_of
 
@@ -86,7 +86,7 @@ def read_peft(directory: str) -> LoadedCheckpoint | None:
     if not os.path.exists(cfg_path):
         return None
     cfg = read_json(cfg_path)
-    if "peft_type" not in cfg:
+    if detect_format(cfg) != "peft":
         return None
     if cfg["peft_type"] != "LORA":
         raise CheckpointError(f"{cfg_path}: PEFT type {cfg['peft_type']!r} is not supported; only 'LORA' "
