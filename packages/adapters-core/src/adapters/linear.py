@@ -35,6 +35,7 @@ __all__ = [
     "linear_targets",
     "LINEAR_HOOK_POINTS",
     "param",
+    "FusedParts",
 ]
 
 #: The interface hook points :func:`linear_targets` places adapters through (a method's ``hook_points``).
@@ -178,6 +179,28 @@ def linear_targets(points: ModelPoints, config: LinearPlacement, label: str = "T
         if config.output_lora:
             plain(lp.output)
     return out
+
+
+class FusedParts(nn.Module):
+    """One adapter on a fused q|k|v projection: a part per adapted matrix (at most three, in
+    ``self.parts``), each acting on its own output rows. Calling it applies the parts in turn:
+    ``part(x, y, *args) -> y`` (the signature of the method's per-projection adapter modules)."""
+
+    straight = False  # LoRA's straight-line path is for a plain adapter on a whole projection
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *args: Any) -> torch.Tensor:
+        for part in self.parts.values():
+            y = part(x, y, *args)
+        return y
+
+    @staticmethod
+    def units(module: nn.Module) -> dict[str, nn.Module]:
+        """The per-matrix modules of one adapter (``{"": module}`` on a plain projection)."""
+        return dict(module.parts.items()) if isinstance(module, FusedParts) else {"": module}
 
 
 class AdapterLinear(AdapterLayer):

@@ -210,8 +210,11 @@ class AdapterLayer(nn.Module, PlanOps):
         self.__dict__["_default_plan"] = plan
 
     def add_adapter(self, name: str, config: AdapterConfig, site: AttachSite) -> None:
-        """Create the module of adapter ``name`` in ``self.adapters`` (required)."""
-        raise NotImplementedError
+        """A conventional place to create adapter ``name``'s module in ``self.adapters``. Core never calls
+        it: your :meth:`AdapterMethod.attach` places adapters however it likes (all core needs is
+        ``self.adapters[name]``)."""
+        raise NotImplementedError(f"{type(self).__name__}.add_adapter is not implemented; create the adapter's "
+                                  "module in self.adapters from your method's attach().")
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` from this layer."""

@@ -21,6 +21,7 @@ from .interface import AdapterModelInterface
 from .linear import (
     LINEAR_HOOK_POINTS,
     AdapterLinear,
+    FusedParts,
     LinearTarget,
     Rows,
     check_linear_placement,
@@ -71,6 +72,7 @@ __all__ = [
     "ConfigUnion",
     "ForwardContext",
     "FusePlan",
+    "FusedParts",
     "FusedQKV",
     "Identity",
     "LayerFrame",

@@ -1,7 +1,7 @@
 """The LoRA-family adapters at one projection: each maps ``(x, y)`` -- the projection's input and output --
 to the adapted output. :class:`LoRADelta` (``y + s·B A x``), :class:`MTLLoRADelta` (MTL-LoRA),
-:class:`IA3Scale` (``l ⊙ y``), :class:`DoRADelta` (DoRA) and :class:`FusedParts` (one adapter on a
-fused q|k|v projection). :mod:`.layer` hosts them on a projection."""
+:class:`IA3Scale` (``l ⊙ y``), :class:`DoRADelta` (DoRA) (on a fused q|k|v projection, one per
+part inside core's :class:`~adapters.plugin.FusedParts`). :mod:`.layer` hosts them on a projection."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .config import LoRAConfig
 if TYPE_CHECKING:
     from .layer import LoRALinear
 
-__all__ = ["LoRADelta", "MTLLoRADelta", "IA3Scale", "DoRADelta", "FusedParts"]
+__all__ = ["LoRADelta", "MTLLoRADelta", "IA3Scale", "DoRADelta"]
 
 
 def _generator(config: LoRAConfig, key: str = "") -> torch.Generator | None:
@@ -279,18 +279,3 @@ class DoRADelta(LoRADelta):
         """The merged weight rows ``m ⊙ (W + s·BA) / ‖W + s·BA‖_row`` (float32)."""
         new = w_rows.float() + self.delta_weight()
         return new * (self.magnitude.float() / new.norm(dim=1)).unsqueeze(1)
-
-
-class FusedParts(nn.Module):
-    """One adapter on a fused QKV projection: a part per adapted matrix (at most three), each on its rows."""
-
-    straight = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts = nn.ModuleDict()
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: LoRALinear, owned: bool = False) -> torch.Tensor:
-        for part in self.parts.values():
-            y = part(x, y, layer, owned)
-        return y

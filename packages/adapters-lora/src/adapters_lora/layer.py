@@ -15,10 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters.plugin import AdapterError, AdapterLinear, AttachSite, Leaf, Rows, count_rows, param, row_index
+from adapters.plugin import (
+    AdapterError,
+    AdapterLinear,
+    AttachSite,
+    FusedParts,
+    Leaf,
+    Rows,
+    count_rows,
+    param,
+    row_index,
+)
 
 from .config import LoRAConfig
-from .deltas import DoRADelta, FusedParts, IA3Scale, LoRADelta, MTLLoRADelta
+from .deltas import DoRADelta, IA3Scale, LoRADelta, MTLLoRADelta
 
 __all__ = ["LoRALinear", "LoRADelta", "MTLLoRADelta", "IA3Scale", "DoRADelta", "FusedParts"]
 
@@ -99,8 +109,7 @@ class LoRALinear(AdapterLinear):
 
     def units(self, name: str) -> dict[str, nn.Module]:
         """The per-matrix modules of adapter ``name`` (``{"": module}`` on a plain projection)."""
-        module = self.adapters[name]
-        return dict(module.parts.items()) if isinstance(module, FusedParts) else {"": module}
+        return FusedParts.units(self.adapters[name])
 
     # -- sharing ---------------------------------------------------------------------------------
     def share_parameters(self, names: list[str], reference: str) -> None:

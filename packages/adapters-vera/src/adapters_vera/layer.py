@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.plugin import AdapterError, AdapterLinear, AttachSite, Rows, SharedRef, count_rows
+from adapters.plugin import AdapterError, AdapterLinear, AttachSite, FusedParts, Rows, SharedRef, count_rows
 from adapters.plugin import is_linear_like as _is_linear_like
 
 from .config import VeraConfig
@@ -147,21 +147,12 @@ class VeraVectors(nn.Module):
         return f"r={self.lambda_d.numel()}, in={self.in_features}, out={self.out_rows}, scaling={self.scaling}"
 
 
-class VeraFusedParts(nn.Module):
-    """One adapter on a fused q|k|v projection: a :class:`VeraVectors` per adapted matrix, on its own rows."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts = nn.ModuleDict()
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: VeraLinear) -> torch.Tensor:
-        for part in self.parts.values():
-            y = part(x, y, layer)
-        return y
+#: One VeRA adapter on a fused q|k|v projection (core's FusedParts of VeraVectors).
+VeraFusedParts = FusedParts
 
 
 def _units(module: nn.Module) -> list[VeraVectors]:
-    return list(module.parts.values()) if isinstance(module, VeraFusedParts) else [module]
+    return list(FusedParts.units(module).values())
 
 
 class VeraLinear(AdapterLinear):
