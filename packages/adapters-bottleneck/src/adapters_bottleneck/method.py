@@ -31,6 +31,7 @@ from .config import (
     load_fusion_config,
     scaled_par_bn,
 )
+from .formats import read_adapterhub_bottleneck
 from .layer import BottleneckLayer
 
 __all__ = ["BottleneckMethod", "locations"]
@@ -75,6 +76,7 @@ class BottleneckMethod(AdapterMethod):
     extra_exports = {c.__name__: c for c in (AdapterFusionConfig, StaticAdapterFusionConfig,
                                              DynamicAdapterFusionConfig)}
     supported_blocks = ALL_BLOCKS
+    formats = {"adapterhub": (read_adapterhub_bottleneck, None)}
     hook_points = frozenset({"layer_self_attn", "layer_cross_attn", "attn_o_proj", "layer_output_proj",
                              "layer_pre_self_attn", "layer_pre_cross_attn", "layer_pre_ffn", "layer_ln_1",
                              "layer_ln_2"})

@@ -465,9 +465,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except (AdapterError, ValueError, TypeError) as exc:
         raise CLIError(f"cannot convert {args.src}: {exc}") from None
     methods = {c.method for c in source.config.configs} if source.config is not None else set()
-    if args.to == "peft" and methods - {"lora"}:
-        raise CLIError(f"cannot convert {args.src} to PEFT: it is a {', '.join(sorted(methods))} adapter, and PEFT's "
-                       "format holds LoRA-family adapters (LoRA, DoRA) only. Keep it in the native format.")
+    if args.to != "native" and methods:
+        from .plugins import registry
+
+        writers = {m.name for m, _, writer in registry.format_handlers(args.to) if writer is not None}
+        if methods - writers:
+            label = {"peft": "PEFT"}.get(args.to, args.to)
+            held = (f"that format holds adapters of {', '.join(sorted(writers))} only" if writers else
+                    "no installed method writes that format")
+            raise CLIError(f"cannot convert {args.src} to {label}: it is a {', '.join(sorted(methods))} adapter, "
+                           f"and {held}. Keep it in the native format.")
     task = args.task if args.task is not None else _task_of(source.meta.get("model_class"), bool(source.head))
     model = _build_model(args.model, task)
     try:

@@ -64,6 +64,12 @@ class AdapterMethod:
     can_merge: ClassVar[bool] = False
     #: Whether forward passes need the per-forward context (attention mask, positions).
     needs_context: ClassVar[bool] = False
+    #: Foreign checkpoint formats this method reads / writes: ``{format: (reader, writer)}`` with
+    #: ``format`` as :func:`adapters.plugin.detect_format` names it (``"peft"``, ``"adapterhub"``);
+    #: ``reader(directory) -> LoadedCheckpoint | None`` (``None``: not this method's), ``writer(model,
+    #: directory, name)``. Declare an ``adapters.formats`` entry point ``"<format>:<method>"`` so core
+    #: finds the plugin without importing it.
+    formats: ClassVar[Mapping[str, tuple[Callable[..., Any] | None, Callable[..., Any] | None]]] = {}
 
     distribution: str = "<in-process>"
 

@@ -13,8 +13,28 @@ layer per call with :func:`frame_child`. The names here are the plugin contract 
 
 from __future__ import annotations
 
+from .checkpoint_io import (
+    CONFIG_FILE,
+    LoadedCheckpoint,
+    detect_format,
+    embedding_tensors,
+    head_tensors,
+    read_json,
+    read_tensors,
+)
 from .context import ForwardContext, current_context
 from .errors import AdapterError, CheckpointError, CompositionError
+from .foreign import (
+    Target,
+    adapterhub_directory,
+    check_model_type,
+    default_name,
+    layer_index,
+    layer_indices,
+    match_module,
+    module_targets,
+    rows_of,
+)
 from .frames import LayerFrame, current_frame, frame_child
 from .hookspecs import PLUGIN_API_VERSION, hookimpl
 from .interface import AdapterModelInterface
@@ -52,6 +72,22 @@ from .shared_ref import SharedRef
 from .state import AdapterState
 
 __all__ = [
+    "CONFIG_FILE",
+    "LoadedCheckpoint",
+    "Target",
+    "adapterhub_directory",
+    "check_model_type",
+    "default_name",
+    "detect_format",
+    "embedding_tensors",
+    "head_tensors",
+    "layer_index",
+    "layer_indices",
+    "match_module",
+    "module_targets",
+    "read_json",
+    "read_tensors",
+    "rows_of",
     "ALL_BLOCKS",
     "IDENTITY",
     "LINEAR_HOOK_POINTS",

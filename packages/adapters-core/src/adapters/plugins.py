@@ -51,6 +51,8 @@ GROUP_EXPORTS = "adapters.exports"
 GROUP_INTERFACES = "adapters.interfaces"
 #: A method plugin may name one of its config strings here: ``add_adapter(name)`` without a config uses it.
 GROUP_DEFAULT = "adapters.default_config"
+#: ``"<format>:<method>"`` for each foreign checkpoint format a method reads or writes (AdapterMethod.formats).
+GROUP_FORMATS = "adapters.formats"
 CORE_DISTRIBUTION = "adapters-core"
 
 #: Names provided by this project's own method packages, used only to say which distribution to
@@ -148,7 +150,7 @@ class Registry:
         """Installed entry points by group and name (read once; nothing is imported)."""
         if self._entry_points is None:
             found: dict[str, dict[str, list[PluginInfo]]] = {}
-            for group in (GROUP_METHODS, GROUP_EXPORTS, GROUP_INTERFACES, GROUP_DEFAULT):
+            for group in (GROUP_METHODS, GROUP_EXPORTS, GROUP_INTERFACES, GROUP_DEFAULT, GROUP_FORMATS):
                 by_name: dict[str, list[PluginInfo]] = {}
                 for ep in metadata.entry_points(group=group):
                     dist, version = _dist_of(ep)
@@ -269,6 +271,16 @@ class Registry:
                           f"as entry points ({'; '.join(missing)}); they work only after another of its names was "
                           "used. Add them to [project.entry-points] in its pyproject.toml.",
                           PluginLoadWarning, stacklevel=4)
+
+    def format_handlers(self, kind: str) -> list[tuple[AdapterMethod, Any, Any]]:
+        """``(method, reader, writer)`` of every installed method that handles the foreign checkpoint
+        format ``kind`` (loading the plugins whose ``adapters.formats`` entry points name it)."""
+        with self._lock:
+            for name, infos in self.entry_points().get(GROUP_FORMATS, {}).items():
+                if name == kind or name.startswith(kind + ":"):
+                    for info in infos:
+                        self.load_module(info)
+            return [(m, *m.formats[kind]) for m in self.methods.values() if kind in getattr(m, "formats", {})]
 
     def default_config(self) -> str | None:
         """The config string an installed plugin declares as the default of ``add_adapter(name)``

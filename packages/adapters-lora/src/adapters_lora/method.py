@@ -16,6 +16,7 @@ from adapters.plugin import (
 )
 
 from .config import DoRAConfig, IA3Config, LoRAConfig, MTLLoRAConfig
+from .formats import read_adapterhub_lora, read_peft, save_peft
 from .layer import LoRALinear
 
 __all__ = ["LoRAMethod"]
@@ -30,6 +31,7 @@ class LoRAMethod(AdapterMethod):
     supported_blocks = frozenset({"Stack", "BatchSplit", "Average", "MultiTask", "Parallel"})
     hook_points = LINEAR_HOOK_POINTS
     can_merge = True
+    formats = {"peft": (read_peft, save_peft), "adapterhub": (read_adapterhub_lora, None)}
 
     def average_config(self, config: LoRAConfig, combine_strategy: str, **kwargs: Any) -> LoRAConfig:
         """``lora_delta_w_svd`` takes ``svd_rank`` (the new adapter's rank, default: the sources'); the

@@ -10,6 +10,7 @@ import torch
 from adapters.plugin import AdapterError, AdapterMethod, AttachSite, ModelPoints
 
 from .config import DiReftConfig, LoReftConfig, NoReftConfig, ReftConfig
+from .formats import read_adapterhub_reft
 from .layer import ReftLayer, edit_layer_output
 
 __all__ = ["ReftMethod", "ATTR"]
@@ -38,6 +39,7 @@ class ReftMethod(AdapterMethod):
     hook_points = frozenset({"model_layers"})
     can_merge = False
     needs_context = True
+    formats = {"adapterhub": (read_adapterhub_reft, None)}
 
     def validate(self, config: ReftConfig, points: ModelPoints) -> None:
         if not points.layers:

@@ -1,45 +1,69 @@
-"""Readers and writers for foreign checkpoint formats: PEFT LoRA/DoRA and AdapterHub ``adapters`` 1.x.
+"""Foreign checkpoint formats, dispatched to the method plugins that know them.
 
-Importing this package registers its readers in :data:`adapters.checkpoint.READERS` (core imports it
-lazily on the first :func:`~adapters.checkpoint.read_checkpoint`), so ``model.load_adapter(dir)``
-accepts these directories as they are. ``model.save_adapter(dir, name, format="peft")`` writes PEFT's
-format through :func:`save_foreign`.
-
-What was verified, and how:
-
-* PEFT: against the real ``peft`` package (0.21): PEFT-made LoRA and DoRA adapters on tiny llama /
-  qwen3 / bert / gpt2 models load here with the same outputs, and our exports load in PEFT with the same
-  outputs (``tests/test_compat_peft.py``; small fixtures in ``tests/data/compat/`` keep the test
-  meaningful where ``peft`` is not installed).
-* AdapterHub 1.x: fixtures written by the real ``adapters`` package (see
-  ``scripts/make_reference_checkpoints.py``), with its recorded outputs on fixed inputs.
-* The Hub (:mod:`adapters.hub`): loading goes through ``huggingface_hub.snapshot_download`` and was
-  tried only offline, against a cache directory in the hub's on-disk layout; pushing was tried only
-  against a stand-in ``HfApi`` object. Neither was run against the real huggingface.co service.
+Core knows no method's tensors: it recognises a directory's format with one rule
+(:func:`adapters.checkpoint_io.detect_format`: native, PEFT, AdapterHub 1.x) and asks the installed
+methods that declare a reader for that format (``AdapterMethod.formats``, found through
+``adapters.formats`` entry points) to read it; the first that recognises it wins. Writing a foreign
+format (``save_adapter(..., format="peft")``) goes to the writer of the adapter's method. The readers
+and writers of our formats live in ``adapters_lora.formats`` (PEFT LoRA/DoRA, AdapterHub LoRA/IA3),
+``adapters_bottleneck.formats`` and ``adapters_reft.formats`` (AdapterHub); helpers they share are in
+:mod:`adapters.foreign`.
 """
 
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
-from ..checkpoint_io import READERS
-from ..errors import AdapterError
-from .adapterhub import read_adapterhub
-from .peft import read_peft, save_peft
+from ..checkpoint_io import CONFIG_FILE, READERS, LoadedCheckpoint, detect_format, read_json
+from ..errors import AdapterError, CheckpointError
+from ..plugins import registry
 
-__all__ = ["FORMATS", "read_peft", "save_peft", "read_adapterhub", "save_foreign"]
+__all__ = ["read_foreign", "save_foreign"]
 
-#: Writers by ``format=`` name.
-FORMATS = {"peft": save_peft}
+_NAMES = {"peft": "PEFT", "adapterhub": "AdapterHub adapters 1.x"}
 
-for _reader in (read_peft, read_adapterhub):
-    if _reader not in READERS:
-        READERS.append(_reader)
+
+def read_foreign(directory: str) -> LoadedCheckpoint | None:
+    """The checkpoint in ``directory`` if it is in a foreign format an installed method reads, else
+    ``None`` (not a foreign format); a :class:`CheckpointError` when no installed method reads it."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    kind = detect_format(read_json(path))
+    if kind not in _NAMES:
+        return None
+    handlers = [(method, reader) for method, reader, _ in registry.format_handlers(kind) if reader is not None]
+    for _, reader in handlers:
+        loaded = reader(directory)
+        if loaded is not None:
+            return loaded
+    readers = ", ".join(f"{m.name} ({m.distribution})" for m, _ in handlers) or "none installed"
+    detail = read_json(path).get("config", {})
+    what = ""
+    if kind == "adapterhub" and isinstance(detail, dict):
+        what = f" (architecture {detail.get('architecture')!r})"
+    raise CheckpointError(f"{path}: a {_NAMES[kind]} checkpoint{what} that no installed method reads (readers of "
+                          f"{_NAMES[kind]}: {readers}). LoRA / IA3 / DoRA need adapters-lora, bottleneck adapters "
+                          "adapters-bottleneck, ReFT adapters-reft.")
 
 
 def save_foreign(model: nn.Module, directory: str, name: str, format: str) -> None:
-    """Write adapter ``name`` of ``model`` to ``directory`` in a foreign ``format`` (``"peft"``)."""
-    writer = FORMATS.get(format)
-    if writer is None:
-        raise AdapterError(f"Unknown checkpoint format {format!r}; known: ['native', {', '.join(map(repr, FORMATS))}].")
-    writer(model, directory, name)
+    """Write adapter ``name`` of ``model`` to ``directory`` in the foreign ``format`` (``"peft"``)."""
+    record = model._adapters_state.record(name)
+    writers = {m.name: writer for m, _, writer in registry.format_handlers(format) if writer is not None}
+    if not writers:
+        raise AdapterError(f"Unknown checkpoint format {format!r}: no installed method writes it "
+                           f"(formats: 'native', 'peft' with adapters-lora).")
+    methods = [m.name for m in record.methods]
+    usable = [writers[m] for m in methods if m in writers]
+    if len(methods) != 1 or not usable:
+        raise AdapterError(f"Adapter '{name}' ({' + '.join(methods)}) cannot be written in "
+                           f"{_NAMES.get(format, format)}'s format: that format holds adapters of "
+                           f"{sorted(writers)} only.")
+    usable[0](model, directory, name)
+
+
+if read_foreign not in READERS:
+    READERS.append(read_foreign)

@@ -23,11 +23,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint_io import CONFIG_FILE, LoadedCheckpoint, detect_format, embedding_tensors, head_tensors
-from ..errors import AdapterError, CheckpointError
-from ._common import Target, match_module, method_config_class, module_targets, read_json, read_tensors, rows_of
+from adapters.plugin import (
+    CONFIG_FILE,
+    AdapterError,
+    CheckpointError,
+    LoadedCheckpoint,
+    Target,
+    adapterhub_directory,
+    default_name,
+    detect_format,
+    embedding_tensors,
+    head_tensors,
+    match_module,
+    module_targets,
+    read_json,
+    read_tensors,
+    rows_of,
+)
 
-__all__ = ["PEFT_WEIGHTS", "PEFT_WEIGHTS_PT", "read_peft", "save_peft"]
+from .config import LoRAConfig
+
+__all__ = ["PEFT_WEIGHTS", "PEFT_WEIGHTS_PT", "read_peft", "save_peft", "read_adapterhub_lora", "lora_from_modules"]
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_WEIGHTS_PT = "adapter_model.bin"
@@ -49,15 +65,6 @@ _MUST_BE_OFF = {
     "use_qalora", "velora_config",
 }
 
-
-def default_name(directory: str) -> str:
-    """Adapter name for a directory: the repo name for a Hub cache snapshot, else the folder name."""
-    norm = os.path.normpath(os.path.abspath(directory))
-    parent, leaf = os.path.split(norm)
-    grand, parent_name = os.path.split(parent)
-    if parent_name == "snapshots" and os.path.basename(grand).startswith("models--"):
-        return os.path.basename(grand).split("--")[-1]
-    return leaf
 
 
 def _check_options(path: str, cfg: dict[str, Any]) -> None:
@@ -232,7 +239,6 @@ def lora_from_modules(model: nn.Module, modules: dict[str, dict[str, torch.Tenso
         r = next(iter(ranks.values()))
     else:
         r = 1
-    LoRAConfig = method_config_class("LoRAConfig", "adapters-lora", "a PEFT LoRA checkpoint")
     try:
         config = LoRAConfig(
             selfattn_lora=bool(kinds & {"q", "k", "v", "o"}),
@@ -272,7 +278,6 @@ def save_peft(model: nn.Module, directory: str, name: str) -> None:
     state = model._adapters_state
     record = state.record(name)
     config = record.config
-    LoRAConfig = method_config_class("LoRAConfig", "adapters-lora", "a PEFT LoRA checkpoint")
     problems = []
     if not isinstance(config, LoRAConfig) or hasattr(config, "n_up_projection"):
         problems.append(f"a {type(config).__name__} adapter")
@@ -355,3 +360,90 @@ def save_peft(model: nn.Module, directory: str, name: str) -> None:
     save_file(out, os.path.join(directory, PEFT_WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as fh:
         json.dump(peft_config, fh, indent=2, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------- AdapterHub 1.x
+#: LoRA config fields of adapters 1.x; anything else set to a non-default value is refused.
+_LORA_FIELDS = {"alpha", "architecture", "attn_matrices", "composition_mode", "dropout", "dtype", "init_weights",
+                "init_weights_seed", "intermediate_lora", "leave_out", "output_lora", "r", "selfattn_lora",
+                "use_dora", "use_gating", "vera_b", "vera_d"}
+_LORA_KEY = re.compile(r"^(?P<path>.+)\.loras\.(?P<name>[^.]+)\.(?P<param>lora_A|lora_B)$")
+
+
+def _check_lora_config(cfg_path: str, cfg: dict[str, Any]) -> None:
+    problems = []
+    for key, value in cfg.items():
+        if key not in _LORA_FIELDS and value not in (None, False, [], {}, ""):
+            problems.append(f"{key}={value!r} (unknown field; saved by a newer adapters version?)")
+    for key in ("use_gating", "use_dora"):
+        if cfg.get(key):
+            problems.append(f"{key}=True")
+    if cfg.get("vera_b") is not None or cfg.get("vera_d") is not None:
+        problems.append("VeRA (vera_b / vera_d)")
+    if cfg.get("composition_mode", "add") not in ("add", "scale"):
+        problems.append(f"composition_mode={cfg.get('composition_mode')!r}")
+    for key in ("r", "alpha"):
+        if key in cfg and (not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool)):
+            problems.append(f"{key}={cfg[key]!r} (not a number)")
+    if problems:
+        raise CheckpointError(f"{cfg_path}: AdapterHub LoRA options that cannot be loaded: {'; '.join(problems)}.")
+
+
+def _read_lora(cfg_path: str, meta: dict[str, Any], cfg: dict[str, Any], weights_path: str, name: str,
+               directory: str) -> LoadedCheckpoint:
+    _check_lora_config(cfg_path, cfg)
+    tensors = read_tensors(weights_path)
+    scale = cfg.get("composition_mode", "add") == "scale"
+    alpha = cfg.get("alpha", 8)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise CheckpointError(f"{weights_path}: unexpected key '{key}' for an AdapterHub LoRA adapter "
+                                  "(expected '<module>.loras.<name>.lora_A' / 'lora_B').")
+        modules.setdefault(match["path"], {})[match["param"]] = tensor
+    if not modules:
+        raise CheckpointError(f"{weights_path} holds no LoRA weights.")
+    for path, parts in modules.items():
+        want = {"lora_B"} if scale else {"lora_A", "lora_B"}
+        if set(parts) != want:
+            raise CheckpointError(f"{weights_path}: module '{path}' has {sorted(parts)}, expected {sorted(want)}.")
+        b = parts["lora_B"]
+        if scale:
+            if b.dim() != 2 or b.shape[1] != 1:
+                raise CheckpointError(f"{weights_path}: IA3 vector of '{path}' has shape {list(b.shape)}, "
+                                      "expected [features, 1].")
+            parts["lora_B"] = b.reshape(-1) * alpha  # AdapterHub computes y * (l * alpha)
+        else:
+            a = parts["lora_A"]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                raise CheckpointError(f"{weights_path}: module '{path}' has lora_A {list(a.shape)} and lora_B "
+                                      f"{list(b.shape)}, which do not form a rank-r pair.")
+            if cfg.get("r") is not None and a.shape[0] != cfg["r"]:
+                raise CheckpointError(f"{weights_path}: module '{path}' has rank {a.shape[0]}, the config says "
+                                      f"r={cfg['r']}.")
+    saved_type = meta.get("model_type")
+
+    def resolve(model: nn.Module) -> LoadedCheckpoint:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if saved_type and model_type and saved_type != model_type:
+            raise CheckpointError(f"{cfg_path}: the adapter was saved from a '{saved_type}' model; this model is "
+                                  f"'{model_type}'.")
+        loaded = lora_from_modules(model, modules, weights_path, name, alpha=alpha,
+                                   dropout=float(cfg.get("dropout", 0.0) or 0.0),
+                                   composition_mode="scale" if scale else "add", what="AdapterHub LoRA")
+        loaded.meta.update({"model_type": saved_type, "hidden_size": meta.get("hidden_size"),
+                            "format": "adapterhub"})
+        return loaded
+
+    return LoadedCheckpoint(name=name, config=None, tensors={}, meta={"format": "adapterhub", **meta},
+                            source=directory, resolve=resolve)
+
+
+def read_adapterhub_lora(directory: str) -> LoadedCheckpoint | None:
+    """An AdapterHub 1.x LoRA / IA3 checkpoint (``architecture: "lora"``); ``None`` for anything else."""
+    found = adapterhub_directory(directory)
+    if found is None or found[2].get("architecture") != "lora":
+        return None
+    cfg_path, meta, cfg, weights_path, name = found
+    return _read_lora(cfg_path, meta, cfg, weights_path, name, directory)

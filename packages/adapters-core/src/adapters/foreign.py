@@ -1,0 +1,143 @@
+"""Helpers for plugins that read or write foreign checkpoint formats (PEFT, AdapterHub 1.x): our
+projection hook points keyed by module path, path matching across task classes, fused q|k|v rows, the
+name of an adapter directory, and the common steps of reading an AdapterHub directory. Exported through
+:mod:`adapters.plugin`; the format readers themselves live in the method packages (``adapters.formats``
+entry points)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint_io import CONFIG_FILE, detect_format, read_json, read_tensors
+from .errors import CheckpointError
+from .points import FusedQKV
+
+__all__ = ["Target", "module_targets", "match_module", "rows_of", "layer_index", "default_name",
+           "check_model_type", "layer_indices", "adapterhub_directory", "read_json", "read_tensors",
+           "AH_WEIGHTS", "AH_WEIGHTS_ST"]
+
+AH_WEIGHTS = "pytorch_adapter.bin"
+AH_WEIGHTS_ST = "adapter.safetensors"
+
+#: What a module path of the foreign format can be on our model.
+KINDS = ("q", "k", "v", "qkv", "o", "intermediate", "output")
+
+
+@dataclass
+class Target:
+    """One of our LoRA-capable hook points: its portable location, its kind and (for qkv) the fused layout."""
+
+    location: str
+    kind: str  # one of KINDS
+    layer: int
+    path: str  # full dotted path from the model root
+    fused: FusedQKV | None = None
+    out_features: int = 0
+
+
+def module_targets(model: nn.Module) -> dict[str, Target]:
+    """Every projection hook point of ``model`` keyed by its full module path (self- and cross-attention:
+    a native LoRA's ``attn_matrices`` adapt both, as PEFT's ``target_modules`` names match both)."""
+    state = getattr(model, "_adapters_state", None)
+    if state is None:
+        raise CheckpointError("This model was not prepared for adapters; call adapters.init(model) first.")
+    out: dict[str, Target] = {}
+    for lp in state.points.layers:
+        for attn in (lp.self_attn, lp.cross_attn):
+            if attn is None:
+                continue
+            for which in ("q", "k", "v", "qkv", "o"):
+                point = attn.projection(which)
+                if point is not None:
+                    out[point.path] = Target(point.location, which, lp.index, point.path,
+                                             attn.fused if which == "qkv" else None)
+        for which in ("intermediate", "output"):
+            point = getattr(lp, which)
+            if point is not None:
+                out[point.path] = Target(point.location, which, lp.index, point.path)
+    return out
+
+
+def match_module(targets: dict[str, Target], path: str, base_path: str) -> Target | None:
+    """Our hook point for a foreign module ``path``; tolerates a task-model prefix on either side.
+
+    A path saved from ``Qwen3ForCausalLM`` (``model.layers.0...``) matches ``Qwen3Model`` (``layers.0...``)
+    and vice versa, as does a ``bert.`` prefix against a bare ``BertModel``.
+    """
+    if path in targets:
+        return targets[path]
+    if base_path and f"{base_path}.{path}" in targets:
+        return targets[f"{base_path}.{path}"]
+    _, _, rest = path.partition(".")
+    if rest:
+        if rest in targets:
+            return targets[rest]
+        if base_path and f"{base_path}.{rest}" in targets:
+            return targets[f"{base_path}.{rest}"]
+    return None
+
+
+def layer_index(targets: dict[str, Target]) -> int:
+    """Number of layers the targets span."""
+    return 1 + max((t.layer for t in targets.values()), default=-1)
+
+
+def rows_of(fused: FusedQKV, which: str, width: int) -> torch.Tensor:
+    """Output feature indices of ``which`` in a fused projection of ``width`` outputs."""
+    rows = fused.index(which)
+    if isinstance(rows, slice):
+        return torch.arange(rows.start, rows.stop)
+    return rows
+
+
+def default_name(directory: str) -> str:
+    """Adapter name for a directory: the repo name for a Hub cache snapshot, else the folder name."""
+    norm = os.path.normpath(os.path.abspath(directory))
+    parent, leaf = os.path.split(norm)
+    grand, parent_name = os.path.split(parent)
+    if parent_name == "snapshots" and os.path.basename(grand).startswith("models--"):
+        return os.path.basename(grand).split("--")[-1]
+    return leaf
+
+
+def check_model_type(cfg_path: str, saved_type: str | None, model: nn.Module) -> None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if saved_type and model_type and saved_type != model_type:
+        raise CheckpointError(f"{cfg_path}: the adapter was saved from a '{saved_type}' model; this model is "
+                              f"'{model_type}'.")
+
+
+def layer_indices(model: nn.Module) -> dict[str, int]:
+    """Layer index by module path, both from the model's root and from inside its base model."""
+    points = model._adapters_state.points
+    base_path = points.base_path
+    paths: dict[str, int] = {}
+    for lp in points.layers:
+        paths[lp.module.path] = lp.index
+        if base_path and lp.module.path.startswith(base_path + "."):
+            paths[lp.module.path[len(base_path) + 1:]] = lp.index
+    return paths
+
+
+def adapterhub_directory(directory: str) -> tuple[str, dict[str, Any], dict[str, Any], str, str] | None:
+    """``(config path, meta, config, weights path, name)`` of an AdapterHub 1.x directory, or ``None``
+    when ``directory`` is not one (:func:`~adapters.checkpoint_io.detect_format`).
+
+    :raises CheckpointError: it is one, but has no weights file."""
+    cfg_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(cfg_path):
+        return None
+    meta = read_json(cfg_path)
+    if detect_format(meta) != "adapterhub":
+        return None
+    weights = [os.path.join(directory, f) for f in (AH_WEIGHTS_ST, AH_WEIGHTS)]
+    existing = [w for w in weights if os.path.exists(w)]
+    if not existing:
+        raise CheckpointError(f"{directory} has an AdapterHub {CONFIG_FILE} but no {AH_WEIGHTS} or {AH_WEIGHTS_ST}.")
+    name = str(meta.get("name") or os.path.basename(os.path.normpath(directory)))
+    return cfg_path, meta, meta["config"], existing[0], name
