@@ -247,3 +247,19 @@ def test_convert_to_peft_names_the_method_first(toy, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "peft"), "--model", "bert", "--to", "peft"]) == 2
     err = capsys.readouterr().err
     assert f"it is a {toy.NAME} adapter" in err and "format" in err and "head" not in err
+
+
+def test_inspect_shows_an_interface_a_plugin_registered(capsys):
+    """A model type that only a plugin knows (no tiny model of it in adapters.testing) is shown as registered."""
+    from adapters.plugin import hookimpl
+    from adapters.testing import toy_interface
+
+    class Plugin:
+        @hookimpl
+        def adapters_register_model_interfaces(self, register):
+            register("toy-inspected", toy_interface())
+
+    adapters.register_plugin(Plugin(), distribution="toy-inspect-plugin")
+    assert main(["inspect", "toy-inspected"]) == 0
+    out = capsys.readouterr().out
+    assert "registered for 'toy-inspected' by toy-inspect-plugin" in out and "layer_output_proj" in out

@@ -198,10 +198,19 @@ def _ranges(indices: list[int]) -> str:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Resolve a model's interface into hook points and print them (or what does not resolve)."""
+    from . import testing
     from .interface import AdapterModelInterface
     from .plugins import registry
     from .points import InterfaceError, resolve_points
 
+    if (not os.path.exists(args.model) and args.model not in testing.MODEL_TYPES
+            and registry.interface(args.model) is not None):
+        # a model type a plugin registered: no tiny model of it here, so show the interface as registered
+        interface = registry.interface(args.model)
+        print(f"interface registered for '{args.model}' by {registry.interfaces[args.model][1]}:")
+        print(interface)
+        print("(pass a model directory with its config.json to see every hook point resolved on the model)")
+        return 0
     model = _build_model(args.model, args.task)
     model_type = getattr(model.config, "model_type", None)
     if args.interface and getattr(args, "infer", False):

@@ -31,7 +31,8 @@ from torch import nn
 
 from .context import ForwardContext, current_context, pop_context, push_context
 
-__all__ = ["LayerFrame", "CallContextCheckpoint", "current_frame", "frame_child", "install_layer_frames"]
+__all__ = ["LayerFrame", "CallContextCheckpoint", "current_frame", "frame_child", "install_layer_frames",
+           "remove_layer_frames"]
 
 _local = threading.local()
 _saved: dict[tuple, tuple[int, ForwardContext]] = {}
@@ -177,7 +178,9 @@ def install_layer_frames(owner: nn.Module) -> list[Any]:
     return handles
 
 
-def remove_layer_frames(owner: nn.Module, handles: list[Any]) -> None:
+def remove_layer_frames(owners: list[nn.Module], handles: list[Any]) -> None:
+    """Undo :func:`install_layer_frames` on ``owners`` (remove ``handles``)."""
     for handle in handles:
         handle.remove()
-    owner.__dict__.pop(_MARK, None)
+    for owner in owners:
+        owner.__dict__.pop(_MARK, None)

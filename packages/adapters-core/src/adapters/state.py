@@ -14,22 +14,10 @@ from torch import nn
 
 from . import composition as ac
 from .errors import AdapterError, AdapterNotFoundError, CompositionError
-from .frames import _MARK as FRAMES_MARK
-from .frames import install_layer_frames
+from .frames import install_layer_frames, remove_layer_frames
 from .interface import AdapterModelInterface
 from .method import AdapterConfig, AdapterLayer, AdapterMethod
-from .plan import (
-    IDENTITY,
-    AveragePlan,
-    BatchSplitPlan,
-    FusePlan,
-    Leaf,
-    MultiTaskPlan,
-    ParallelPlan,
-    PlanNode,
-    SplitPlan,
-    StackPlan,
-)
+from .plan_compile import PlanTable, compile_table, setup_adapter_names
 from .points import ModelPoints
 
 __all__ = ["AdapterRecord", "AdapterState", "PlanTable", "TrainingSetup", "SHARED_ATTR"]
@@ -250,15 +238,9 @@ class AdapterState:
         cached = self._plan_cache.get(setup)
         if cached is None:
             self.validate_setup(setup)
-            layers = self.layers()
-            plans = tuple(None if setup is None else _restrict(setup, layer, self.merged) for layer in layers)
             names = setup_adapter_names(setup) if setup is not None else []
-            methods = {m for n in names for m in self.adapters[n].methods}
-            parallel = len(setup) if isinstance(setup, ac.Parallel) else 1
-            tasks = (tuple(c if isinstance(c, str) else c.name for c in setup.children)
-                     if isinstance(setup, ac.MultiTask) else None)
-            cached = PlanTable(setup, plans, parallel, tasks,
-                               parallel > 1 or tasks is not None or any(m.needs_context for m in methods))
+            needs_context = any(m.needs_context for n in names for m in self.adapters[n].methods)
+            cached = compile_table(setup, self.layers(), self.merged, needs_context)
             self._plan_cache[setup] = cached
         return cached
 
@@ -289,55 +271,5 @@ class AdapterState:
             self.frame_handles.extend(install_layer_frames(lp.module.module))
 
     def remove_layer_frames(self) -> None:
-        for lp in self.points.layers:
-            lp.module.module.__dict__.pop(FRAMES_MARK, None)
-        for handle in self.frame_handles:
-            handle.remove()
+        remove_layer_frames([lp.module.module for lp in self.points.layers], self.frame_handles)
         self.frame_handles.clear()
-
-
-@dataclass(frozen=True)
-class PlanTable:
-    """One setup compiled for one model: a plan per adapter layer (indexed by the layer's slot) and
-    what a forward call of that setup needs from the pre-hook."""
-
-    setup: Any
-    plans: tuple[PlanNode | None, ...]
-    parallel: int
-    task_names: tuple[str, ...] | None
-    needs_context: bool
-
-
-def setup_adapter_names(setup: ac.AdapterCompositionBlock | str) -> list[str]:
-    return [setup] if isinstance(setup, str) else setup.flatten()
-
-
-def _restrict(node: ac.AdapterCompositionBlock | str, layer: AdapterLayer, merged: list[str]) -> PlanNode | None:
-    plan = _restrict_node(node, layer, merged)
-    return None if plan is IDENTITY else plan
-
-
-def _restrict_node(node: ac.AdapterCompositionBlock | str, layer: AdapterLayer, merged: list[str]) -> PlanNode:
-    if isinstance(node, str):
-        return Leaf(node) if node in layer.adapters and node not in merged else IDENTITY
-    children = tuple(_restrict_node(c, layer, merged) for c in node.children)
-    if isinstance(node, ac.Stack):
-        kept = tuple(c for c in children if c is not IDENTITY)
-        if not kept:
-            return IDENTITY
-        return kept[0] if len(kept) == 1 else StackPlan(kept)
-    if all(c is IDENTITY for c in children):
-        return IDENTITY
-    if isinstance(node, ac.Average):
-        return AveragePlan(children, tuple(node.weights))
-    if isinstance(node, ac.BatchSplit):
-        return BatchSplitPlan(children, tuple(node.batch_sizes))
-    if isinstance(node, ac.Split):
-        return SplitPlan(children, tuple(node.splits))
-    if isinstance(node, ac.Parallel):
-        return ParallelPlan(children)
-    if isinstance(node, ac.MultiTask):
-        return MultiTaskPlan(children, tuple(c if isinstance(c, str) else c.name for c in node.children))
-    if isinstance(node, ac.Fuse):
-        return FusePlan(children, node.fusion_name)
-    raise CompositionError(f"Unknown composition block {node!r}")
