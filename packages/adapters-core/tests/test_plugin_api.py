@@ -19,7 +19,7 @@ EXPECTED = sorted([
     "execute", "frame_child", "hookimpl", "is_linear_like", "linear_features", "linear_targets", "param",
     "row_index", "CONFIG_FILE", "LoadedCheckpoint", "Target", "adapterhub_directory", "check_model_type",
     "default_name", "detect_format", "embedding_tensors", "head_tensors", "layer_index", "layer_indices",
-    "match_module", "module_targets", "read_json", "read_tensors", "rows_of",
+    "match_module", "module_targets", "read_config", "read_json", "read_tensors", "rows_of",
 ])
 
 

@@ -87,8 +87,8 @@ def _bn_location(key: str, name: str, layer_paths: dict[str, int], weights_path:
 
 def read_adapterhub_bottleneck(directory: str) -> LoadedCheckpoint | None:
     """An AdapterHub 1.x bottleneck checkpoint (no ``architecture`` or ``"bottleneck"``); else ``None``."""
-    found = adapterhub_directory(directory)
-    if found is None or found[2].get("architecture") not in (None, "bottleneck"):
+    found = adapterhub_directory(directory, (None, "bottleneck"))
+    if found is None:
         return None
     cfg_path, meta, cfg, weights_path, name = found
     return _read_bottleneck(cfg_path, meta, cfg, weights_path, name, directory)

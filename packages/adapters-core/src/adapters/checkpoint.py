@@ -76,8 +76,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def _unsaved_trainable(model: nn.Module, saved: set[int]) -> list[str]:
     """Names of trainable base-model parameters that no file of this adapter holds."""
     state = _state(model)
-    adapter_ids = {id(p) for n in state.adapters for p in state.adapter_parameters(n)}
-    adapter_ids |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
+    adapter_ids = state.owned_parameter_ids()
     return [name for name, p in state.points.base_model.named_parameters()
             if p.requires_grad and id(p) not in adapter_ids and id(p) not in saved]
 

@@ -18,7 +18,7 @@ from .errors import CheckpointError
 from .points import FusedQKV
 
 __all__ = ["Target", "module_targets", "match_module", "rows_of", "layer_index", "default_name",
-           "check_model_type", "layer_indices", "adapterhub_directory", "read_json", "read_tensors",
+           "check_model_type", "layer_indices", "read_config", "adapterhub_directory", "read_json", "read_tensors",
            "AH_WEIGHTS", "AH_WEIGHTS_ST"]
 
 AH_WEIGHTS = "pytorch_adapter.bin"
@@ -124,17 +124,27 @@ def layer_indices(model: nn.Module) -> dict[str, int]:
     return paths
 
 
-def adapterhub_directory(directory: str) -> tuple[str, dict[str, Any], dict[str, Any], str, str] | None:
-    """``(config path, meta, config, weights path, name)`` of an AdapterHub 1.x directory, or ``None``
-    when ``directory`` is not one (:func:`~adapters.checkpoint_io.detect_format`).
-
-    :raises CheckpointError: it is one, but has no weights file."""
+def read_config(directory: str, kind: str) -> tuple[str, dict[str, Any]] | None:
+    """``(config path, parsed adapter_config.json)`` when ``directory`` holds a checkpoint of format
+    ``kind`` (:func:`~adapters.checkpoint_io.detect_format`), else ``None``."""
     cfg_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(cfg_path):
         return None
     meta = read_json(cfg_path)
-    if detect_format(meta) != "adapterhub":
+    return (cfg_path, meta) if detect_format(meta) == kind else None
+
+
+def adapterhub_directory(directory: str, architectures: tuple[str | None, ...],
+                         ) -> tuple[str, dict[str, Any], dict[str, Any], str, str] | None:
+    """``(config path, meta, config, weights path, name)`` of an AdapterHub 1.x directory whose
+    ``architecture`` is one of ``architectures`` (``None``: AdapterHub's bottleneck default), or ``None``
+    when ``directory`` is not such a checkpoint.
+
+    :raises CheckpointError: it is one, but has no weights file."""
+    found = read_config(directory, "adapterhub")
+    if found is None or found[1]["config"].get("architecture") not in architectures:
         return None
+    cfg_path, meta = found
     weights = [os.path.join(directory, f) for f in (AH_WEIGHTS_ST, AH_WEIGHTS)]
     existing = [w for w in weights if os.path.exists(w)]
     if not existing:

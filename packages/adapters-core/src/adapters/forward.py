@@ -71,12 +71,12 @@ def _replicate(value: Any, copies: int, batch: int) -> Any:
 def pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook of an adapter model (see the module docstring)."""
     state = model._adapters_state
-    task_ids = kwargs.pop("task_ids", None) if "task_ids" in kwargs else None
+    task_ids = kwargs.pop("task_ids", None)
     try:
         setup, entry = call_setup(model)
+        # the default table always belongs to state.active (apply_setup writes both, and every change of
+        # the active setup goes through it): no lookup on the common path
         table = state.default if entry is None else state.table(setup)
-        if table is None or table.setup != setup:
-            table = state.table(setup)
         own_plans = entry is not None and setup != state.active
         if not (own_plans or table.needs_context):
             _calls().append(False)

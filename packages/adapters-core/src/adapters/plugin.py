@@ -33,6 +33,7 @@ from .foreign import (
     layer_indices,
     match_module,
     module_targets,
+    read_config,
     rows_of,
 )
 from .frames import LayerFrame, current_frame, frame_child
@@ -85,6 +86,7 @@ __all__ = [
     "layer_indices",
     "match_module",
     "module_targets",
+    "read_config",
     "read_json",
     "read_tensors",
     "rows_of",

@@ -167,6 +167,12 @@ class AdapterState:
                 seen.setdefault(id(p), p)
         return list(seen.values())
 
+    def owned_parameter_ids(self) -> set[int]:
+        """``id`` of every parameter of every adapter and fusion on the model (what is not the base's)."""
+        ids = {id(p) for name in self.adapters for p in self.adapter_parameters(name)}
+        ids |= {id(p) for fusion in self.fusions for p in self.fusion_parameters(fusion)}
+        return ids
+
     def fusion_parameters(self, fusion_name: str) -> list[nn.Parameter]:
         fusion = self.fusions[fusion_name]
         seen: dict[int, nn.Parameter] = {}

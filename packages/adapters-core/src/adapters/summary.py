@@ -21,8 +21,7 @@ def adapter_summary(self: nn.Module, as_dict: bool = False) -> str | list[dict[s
     ``train`` tells whether any of its own weights train).
     """
     state = self._adapters_state
-    adapter_ids = {id(p) for n in state.adapters for p in state.adapter_parameters(n)}
-    adapter_ids |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
+    adapter_ids = state.owned_parameter_ids()
     base_params = [p for p in unique_parameters(self) if id(p) not in adapter_ids]
     base_count = sum(p.numel() for p in base_params)
     inner_ids = {id(p) for p in state.points.base_model.parameters()}

@@ -35,8 +35,7 @@ def set_trainable(self: nn.Module, adapter_names: set[str], fusion_names: set[st
 
 def freeze_base(self: nn.Module, freeze: bool) -> None:
     state = self._adapters_state
-    adapter_ids = {id(p) for name in state.adapters for p in state.adapter_parameters(name)}
-    adapter_ids |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
+    adapter_ids = state.owned_parameter_ids()
     for p in state.points.base_model.parameters():
         if id(p) not in adapter_ids:
             p.requires_grad_(not freeze)
@@ -57,7 +56,6 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Task-head parameters: outside the base model, not adapter weights, not the output embeddings."""
     state = model._adapters_state
     inside = {id(p) for p in state.points.base_model.parameters()}
-    inside |= {id(p) for n in state.adapters for p in state.adapter_parameters(n)}
-    inside |= {id(p) for f in state.fusions for p in state.fusion_parameters(f)}
+    inside |= state.owned_parameter_ids()
     inside |= {id(p) for p in output_embedding_parameters(model)}
     return [p for p in unique_parameters(model) if id(p) not in inside]

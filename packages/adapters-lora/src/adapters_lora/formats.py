@@ -30,13 +30,13 @@ from adapters.plugin import (
     LoadedCheckpoint,
     Target,
     adapterhub_directory,
+    check_model_type,
     default_name,
-    detect_format,
     embedding_tensors,
     head_tensors,
     match_module,
     module_targets,
-    read_json,
+    read_config,
     read_tensors,
     rows_of,
 )
@@ -89,12 +89,10 @@ def _check_options(path: str, cfg: dict[str, Any]) -> None:
 
 def read_peft(directory: str) -> LoadedCheckpoint | None:
     """Recognise a PEFT LoRA checkpoint directory; ``None`` if it is not a PEFT checkpoint."""
-    cfg_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(cfg_path):
+    found = read_config(directory, "peft")
+    if found is None:
         return None
-    cfg = read_json(cfg_path)
-    if detect_format(cfg) != "peft":
-        return None
+    cfg_path, cfg = found
     if cfg["peft_type"] != "LORA":
         raise CheckpointError(f"{cfg_path}: PEFT type {cfg['peft_type']!r} is not supported; only 'LORA' "
                               "(including DoRA) checkpoints can be read.")
@@ -425,10 +423,7 @@ def _read_lora(cfg_path: str, meta: dict[str, Any], cfg: dict[str, Any], weights
     saved_type = meta.get("model_type")
 
     def resolve(model: nn.Module) -> LoadedCheckpoint:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if saved_type and model_type and saved_type != model_type:
-            raise CheckpointError(f"{cfg_path}: the adapter was saved from a '{saved_type}' model; this model is "
-                                  f"'{model_type}'.")
+        check_model_type(cfg_path, saved_type, model)
         loaded = lora_from_modules(model, modules, weights_path, name, alpha=alpha,
                                    dropout=float(cfg.get("dropout", 0.0) or 0.0),
                                    composition_mode="scale" if scale else "add", what="AdapterHub LoRA")
@@ -442,8 +437,8 @@ def _read_lora(cfg_path: str, meta: dict[str, Any], cfg: dict[str, Any], weights
 
 def read_adapterhub_lora(directory: str) -> LoadedCheckpoint | None:
     """An AdapterHub 1.x LoRA / IA3 checkpoint (``architecture: "lora"``); ``None`` for anything else."""
-    found = adapterhub_directory(directory)
-    if found is None or found[2].get("architecture") != "lora":
+    found = adapterhub_directory(directory, ("lora",))
+    if found is None:
         return None
     cfg_path, meta, cfg, weights_path, name = found
     return _read_lora(cfg_path, meta, cfg, weights_path, name, directory)

@@ -111,8 +111,8 @@ def _read_reft(cfg_path: str, meta: dict[str, Any], cfg: dict[str, Any], weights
 
 def read_adapterhub_reft(directory: str) -> LoadedCheckpoint | None:
     """An AdapterHub 1.x ReFT checkpoint (``architecture: "reft"``); else ``None``."""
-    found = adapterhub_directory(directory)
-    if found is None or found[2].get("architecture") != "reft":
+    found = adapterhub_directory(directory, ("reft",))
+    if found is None:
         return None
     cfg_path, meta, cfg, weights_path, name = found
     return _read_reft(cfg_path, meta, cfg, weights_path, name, directory)

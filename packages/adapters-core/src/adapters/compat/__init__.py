@@ -31,7 +31,8 @@ def read_foreign(directory: str) -> LoadedCheckpoint | None:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
         return None
-    kind = detect_format(read_json(path))
+    meta = read_json(path)
+    kind = detect_format(meta)
     if kind not in _NAMES:
         return None
     handlers = [(method, reader) for method, reader, _ in registry.format_handlers(kind) if reader is not None]
@@ -40,7 +41,7 @@ def read_foreign(directory: str) -> LoadedCheckpoint | None:
         if loaded is not None:
             return loaded
     readers = ", ".join(f"{m.name} ({m.distribution})" for m, _ in handlers) or "none installed"
-    detail = read_json(path).get("config", {})
+    detail = meta.get("config", {})
     what = ""
     if kind == "adapterhub" and isinstance(detail, dict):
         what = f" (architecture {detail.get('architecture')!r})"
