@@ -39,19 +39,7 @@ from .foreign import (
 from .frames import LayerFrame, current_frame, frame_child
 from .hookspecs import PLUGIN_API_VERSION, hookimpl
 from .interface import AdapterModelInterface
-from .linear import (
-    LINEAR_HOOK_POINTS,
-    AdapterLinear,
-    FusedParts,
-    LinearTarget,
-    Rows,
-    check_linear_placement,
-    count_rows,
-    is_linear_like,
-    linear_targets,
-    param,
-    row_index,
-)
+from .linear import AdapterLinear, FusedParts, Rows, count_rows, is_linear_like, param, row_index
 from .method import ALL_BLOCKS, AdapterConfig, AdapterLayer, AdapterMethod, AttachSite, ConfigUnion
 from .plan import (
     IDENTITY,
@@ -71,6 +59,7 @@ from .plan import (
 from .points import AttentionPoints, FusedQKV, LayerPoints, ModelPoints, ModulePoint, linear_features
 from .shared_ref import SharedRef
 from .state import AdapterState
+from .targets import LINEAR_HOOK_POINTS, LinearTarget, check_linear_placement, linear_targets
 
 __all__ = [
     "CONFIG_FILE",

@@ -1,0 +1,119 @@
+"""Where methods that adapt linear projections go on a model (LoRA family, VeRA, third parties).
+
+:func:`check_linear_placement` / :func:`linear_targets`: where a config with LoRA's placement
+fields (``selfattn_lora``, ``attn_matrices``, ``intermediate_lora``, ``output_lora``,
+``leave_out``) lands on a model: attention projections (separate, or the rows of a fused QKV
+projection), FFN projections, in self- and cross-attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from .errors import AdapterError
+from .linear import AdapterLinear, Rows, count_rows, is_linear_like
+from .points import FusedQKV, ModelPoints, ModulePoint, linear_features
+
+__all__ = ["LinearPlacement", "LinearTarget", "check_linear_placement", "linear_targets", "LINEAR_HOOK_POINTS"]
+
+#: The interface hook points :func:`linear_targets` places adapters through (a method's ``hook_points``).
+LINEAR_HOOK_POINTS = frozenset({"attn_q_proj", "attn_k_proj", "attn_v_proj", "attn_qkv_proj", "attn_o_proj",
+                                "layer_intermediate_proj", "layer_output_proj", "layer_self_attn",
+                                "layer_cross_attn"})
+
+
+class LinearPlacement(Protocol):
+    """The placement fields a config needs for :func:`linear_targets`."""
+
+    selfattn_lora: bool
+    attn_matrices: list[str]
+    intermediate_lora: bool
+    output_lora: bool
+    leave_out: list[int]
+
+
+@dataclass
+class LinearTarget:
+    """One place to adapt: a projection, and for a fused one the matrix ``which`` and its output rows."""
+
+    point: ModulePoint
+    fused: FusedQKV | None
+    rows: Rows
+    which: str | None
+    in_features: int
+    out_rows: int
+
+
+def check_linear_placement(config: LinearPlacement, points: ModelPoints, label: str) -> None:
+    """Refuse (before anything changes) a config whose projections the model's interface does not name."""
+    interface = points.interface
+    wanted = set(config.attn_matrices) if config.selfattn_lora else set()
+    have = {"o"} if interface.attn_o_proj else set()
+    if interface.attn_qkv_proj:
+        have |= {"q", "k", "v"}
+    else:
+        have |= {m for m, f in (("q", "attn_q_proj"), ("k", "attn_k_proj"), ("v", "attn_v_proj"))
+                 if getattr(interface, f)}
+    missing = sorted(wanted - have)
+    if missing:
+        raise AdapterError(f"{label} attn_matrices {missing} have no projection in this model's interface; "
+                           f"available: {sorted(have)}.")
+    if config.intermediate_lora and not interface.layer_intermediate_proj:
+        raise AdapterError("intermediate_lora=True, but the interface names no layer_intermediate_proj.")
+    if config.output_lora and not interface.layer_output_proj:
+        raise AdapterError("output_lora=True, but the interface names no layer_output_proj.")
+    if not (wanted or config.intermediate_lora or config.output_lora):
+        raise AdapterError(f"This {label} config adapts nothing: enable selfattn_lora with attn_matrices, "
+                           "intermediate_lora or output_lora.")
+
+
+def _features(point: ModulePoint, label: str, layer_type: type | None) -> tuple[int, int]:
+    module = point.module
+    if isinstance(module, AdapterLinear) and (layer_type is None or isinstance(module, layer_type)):
+        return module.in_features, module.out_features
+    if not is_linear_like(module):
+        raise AdapterError(f"{label} can only adapt nn.Linear or Conv1D projections; '{point.path}' is a "
+                           f"{type(module).__name__} (another method's layer may already wrap it).")
+    return linear_features(module)
+
+
+def linear_targets(points: ModelPoints, config: LinearPlacement, label: str = "This method",
+                   layer_type: type | None = None) -> list[LinearTarget]:
+    """Every projection (or fused-projection part) ``config`` adapts, in a fixed order; changes nothing.
+
+    :param layer_type: the method's own :class:`AdapterLinear` subclass; a projection already wrapped
+        by another method's layer is refused with an :class:`~adapters.errors.AdapterError`.
+    """
+    out: list[LinearTarget] = []
+    leave_out = set(config.leave_out)
+
+    def plain(point: ModulePoint | None) -> None:
+        if point is not None:
+            in_f, out_f = _features(point, label, layer_type)
+            out.append(LinearTarget(point, None, None, None, in_f, out_f))
+
+    for lp in points.layers:
+        if lp.index in leave_out:
+            continue
+        if config.selfattn_lora:
+            for kind in ("self_attn", "cross_attn"):
+                attn = lp.attention(kind)
+                if attn is None:
+                    continue
+                chosen = [m for m in ("q", "k", "v") if m in config.attn_matrices]
+                if attn.qkv is not None:
+                    in_f, out_f = _features(attn.qkv, label, layer_type)
+                    for which in chosen:
+                        rows = attn.fused.index(which)
+                        out.append(LinearTarget(attn.qkv, attn.fused, rows, which, in_f, count_rows(rows, out_f)))
+                else:
+                    for which in chosen:
+                        plain(attn.projection(which))
+                if "o" in config.attn_matrices:
+                    plain(attn.o)
+        if config.intermediate_lora:
+            plain(lp.intermediate)
+        if config.output_lora:
+            plain(lp.output)
+    return out
