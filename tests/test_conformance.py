@@ -28,21 +28,27 @@ import pytest
 from adapters.plugins import registry
 from adapters.testing.conformance import check_call_state, check_lifecycle, check_training
 
-METHODS = ["lora", "ia3", "dora", "seq_bn", "par_bn", "double_seq_bn", "loreft", "vera"]
+METHODS = ["lora", "ia3", "dora", "seq_bn", "par_bn", "double_seq_bn", "loreft", "vera",
+           # placed by module names instead of the interface (every linear inside the layers)
+           "lora[target_modules='all-linear']", "vera[target_modules='all-linear', r=8]"]
+#: LoRA on the input embeddings and one projection by regular expression, on models whose embedding table
+#: is not tied to another module (merging into a tied table is refused: tests/test_target_modules.py)
+EMBEDDING_LORA = "lora[target_modules='.*(embed_tokens|wte|embed_in|word_embeddings|q_proj|c_attn|query)$', r=4]"
+UNTIED_ARCHS = ["qwen3", "llama", "gpt2", "bert", "phi3", "gpt_neox"]
 CORE_ARCHS = ["qwen3", "llama", "gpt2", "bert", "t5"]
 EXTRA_ARCHS = ["phi3", "gpt_neox", "bart"]
 ARCHS = CORE_ARCHS + EXTRA_ARCHS
 
 
 def _installed(config: str) -> bool:
-    return registry.has_config_string(config)
+    return registry.has_config_string(config.split("[", 1)[0])
 
 
 CASES = [
     pytest.param(m, a, id=f"{m}-{a}", marks=[] if _installed(m) else [pytest.mark.skip(reason=f"{m}: not installed")])
     for m in METHODS
     for a in ARCHS
-]
+] + [pytest.param(EMBEDDING_LORA, a, id=f"embedding_lora-{a}") for a in UNTIED_ARCHS]
 
 
 @pytest.mark.parametrize(("method", "arch"), CASES)

@@ -50,6 +50,17 @@ class _PutBack:
         self.point.replace(self.original)
 
 
+class _PutBackAlias:
+    """Undo of :meth:`AttachSite.alias`: the original module back at a second name (hooks stay with the
+    layer's main place, whose undo moves them). Picklable."""
+
+    def __init__(self, point: Any, original: nn.Module) -> None:
+        self.point, self.original = point, original
+
+    def __call__(self) -> None:
+        self.point.replace(self.original)
+
+
 class _RemoveChild:
     """Undo of :meth:`AttachSite.add_child` (picklable)."""
 
@@ -94,6 +105,16 @@ class AttachSite:
         layer._detach.append(_PutBack(point, current, layer))
         self._new(layer)
         return layer
+
+    def alias(self, point: ModulePoint, layer: AdapterLayer) -> None:
+        """Install ``layer`` also at ``point``: another name of the module it replaced (a module registered
+        under several names, like T5's ``shared`` embedding and ``encoder.embed_tokens``). Undone with
+        the layer."""
+        original = point.module
+        if original is layer:
+            return
+        point.replace(layer)
+        layer._detach.insert(0, _PutBackAlias(point, original))
 
     def add_child(self, owner: nn.Module, attr: str, layer_type: type[AdapterLayer],
                   factory: Callable[[], AdapterLayer]) -> AdapterLayer:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import composition as ac
@@ -56,6 +57,7 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     if isinstance(previous, (ac.Parallel, ac.MultiTask)):
         raise CompositionError(f"Cannot merge '{name}' while {previous!r} is active: merged weights act on every "
                                "row. Activate a Stack (or nothing) first.")
+    _refuse_shared_weights(model, state.layers(name), name)
     try:
         for layer in state.layers(name):
             layer.merge_adapter(name)
@@ -68,6 +70,20 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     state.active = _stack([*state.merged, *rest])
     state.merge_active = state.active
     state.refresh()
+
+
+def _refuse_shared_weights(model: nn.Module, layers: list[Any], name: str) -> None:
+    """Merging writes into a layer's ``weight``; refuse when another module uses the same tensor (a tied LM
+    head and input embeddings, T5's ``shared`` and ``encoder.embed_tokens``): it would change too."""
+    weights = {id(w): layer for layer in layers if isinstance(w := layer._parameters.get("weight"), torch.Tensor)}
+    if not weights:
+        return
+    for path, module in model.named_modules(remove_duplicate=False):
+        layer = weights.get(id(module._parameters.get("weight")))
+        if layer is not None and module is not layer:
+            raise AdapterError(f"Cannot merge '{name}': the weight at {layer.location} is also the weight of "
+                               f"'{path}' (tied weights, e.g. tie_word_embeddings), which merging would change "
+                               "as well. Keep the adapter unmerged, or untie the weights first.")
 
 
 def _restore(layers: list[Any], failed: str, merged: list[str]) -> None:

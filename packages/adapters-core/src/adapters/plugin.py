@@ -41,6 +41,7 @@ from .hookspecs import PLUGIN_API_VERSION, hookimpl
 from .interface import AdapterModelInterface
 from .linear import AdapterLinear, FusedParts, Rows, count_rows, is_linear_like, param, row_index
 from .method import ALL_BLOCKS, AdapterConfig, AdapterLayer, AdapterMethod, AttachSite, ConfigUnion
+from .module_match import ALL_LINEAR, check_module_fields, select_modules
 from .plan import (
     IDENTITY,
     AveragePlan,
@@ -59,7 +60,7 @@ from .plan import (
 from .points import AttentionPoints, FusedQKV, LayerPoints, ModelPoints, ModulePoint, linear_features
 from .shared_ref import SharedRef
 from .state import AdapterState
-from .targets import LINEAR_HOOK_POINTS, LinearTarget, check_linear_placement, linear_targets
+from .targets import LINEAR_HOOK_POINTS, LinearTarget, check_linear_placement, linear_targets, target_config
 
 __all__ = [
     "CONFIG_FILE",
@@ -80,6 +81,7 @@ __all__ = [
     "read_tensors",
     "rows_of",
     "ALL_BLOCKS",
+    "ALL_LINEAR",
     "IDENTITY",
     "LINEAR_HOOK_POINTS",
     "PLUGIN_API_VERSION",
@@ -117,6 +119,7 @@ __all__ = [
     "SplitPlan",
     "StackPlan",
     "check_linear_placement",
+    "check_module_fields",
     "count_rows",
     "current_context",
     "current_frame",
@@ -128,4 +131,6 @@ __all__ = [
     "linear_targets",
     "param",
     "row_index",
+    "select_modules",
+    "target_config",
 ]

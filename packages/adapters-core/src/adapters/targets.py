@@ -1,21 +1,34 @@
 """Where methods that adapt linear projections go on a model (LoRA family, VeRA, third parties).
 
-:func:`check_linear_placement` / :func:`linear_targets`: where a config with LoRA's placement
-fields (``selfattn_lora``, ``attn_matrices``, ``intermediate_lora``, ``output_lora``,
-``leave_out``) lands on a model: attention projections (separate, or the rows of a fused QKV
-projection), FFN projections, in self- and cross-attention.
+:func:`check_linear_placement` / :func:`linear_targets`: where a config lands on a model. Two ways:
+
+* by the interface (``selfattn_lora``, ``attn_matrices``, ``intermediate_lora``, ``output_lora``):
+  attention projections (separate, or the rows of a fused QKV projection), FFN projections, in self-
+  and cross-attention;
+* by module names (``target_modules``: names, a regular expression or ``"all-linear"``; see
+  :mod:`adapters.module_match`): any ``nn.Linear`` / ``Conv1D`` (a fused projection is adapted
+  whole), and ``nn.Embedding`` for methods that ask for it. With ``target_modules`` set, the
+  interface fields are not used.
+
+Both honour ``leave_out`` and ``layers_to_transform``; :func:`target_config` applies ``rank_pattern``
+/ ``alpha_pattern`` to one target.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from torch import nn
 
 from .errors import AdapterError
 from .linear import AdapterLinear, Rows, count_rows, is_linear_like
+from .method import AdapterLayer
+from .module_match import pattern_value, select_modules, uses_target_modules
 from .points import FusedQKV, ModelPoints, ModulePoint, linear_features
 
-__all__ = ["LinearPlacement", "LinearTarget", "check_linear_placement", "linear_targets", "LINEAR_HOOK_POINTS"]
+__all__ = ["LinearPlacement", "LinearTarget", "check_linear_placement", "linear_targets", "target_config",
+           "LINEAR_HOOK_POINTS"]
 
 #: The interface hook points :func:`linear_targets` places adapters through (a method's ``hook_points``).
 LINEAR_HOOK_POINTS = frozenset({"attn_q_proj", "attn_k_proj", "attn_v_proj", "attn_qkv_proj", "attn_o_proj",
@@ -43,10 +56,37 @@ class LinearTarget:
     which: str | None
     in_features: int
     out_rows: int
+    #: the module's paths ``rank_pattern`` / ``alpha_pattern`` keys are matched against
+    names: tuple[str, ...] = ()
+    #: ``"linear"``, or ``"embedding"`` for an ``nn.Embedding`` (``in_features``: vocabulary size,
+    #: ``out_rows``: embedding width)
+    kind: str = "linear"
+    #: other places the same module is registered (install the layer there too: ``AttachSite.alias``)
+    aliases: tuple[ModulePoint, ...] = ()
+
+
+def _names(point: ModulePoint, points: ModelPoints) -> tuple[str, ...]:
+    prefix = points.base_path + "." if points.base_path else ""
+    return (point.path, point.path[len(prefix):]) if prefix and point.path.startswith(prefix) else (point.path,)
+
+
+def target_config(config: Any, target: LinearTarget) -> Any:
+    """``config`` with ``r`` / ``alpha`` replaced by the first matching ``rank_pattern`` / ``alpha_pattern``
+    entry for ``target`` (the config itself when no pattern matches)."""
+    ranks, alphas = getattr(config, "rank_pattern", None) or {}, getattr(config, "alpha_pattern", None) or {}
+    if not (ranks or alphas):
+        return config
+    r = pattern_value(ranks, target.names, config.r)
+    alpha = pattern_value(alphas, target.names, config.alpha)
+    return config if (r, alpha) == (config.r, config.alpha) else config.replace(r=r, alpha=alpha)
 
 
 def check_linear_placement(config: LinearPlacement, points: ModelPoints, label: str) -> None:
-    """Refuse (before anything changes) a config whose projections the model's interface does not name."""
+    """Refuse (before anything changes) a config whose projections the model's interface does not name
+    (with ``target_modules``: whose names match nothing)."""
+    if uses_target_modules(config):
+        select_modules(points, config, label)
+        return
     interface = points.interface
     wanted = set(config.attn_matrices) if config.selfattn_lora else set()
     have = {"o"} if interface.attn_o_proj else set()
@@ -72,29 +112,55 @@ def _features(point: ModulePoint, label: str, layer_type: type | None) -> tuple[
     module = point.module
     if isinstance(module, AdapterLinear) and (layer_type is None or isinstance(module, layer_type)):
         return module.in_features, module.out_features
-    if not is_linear_like(module):
+    if isinstance(module, AdapterLayer) or not is_linear_like(module):
         raise AdapterError(f"{label} can only adapt nn.Linear or Conv1D projections; '{point.path}' is a "
                            f"{type(module).__name__} (another method's layer may already wrap it).")
     return linear_features(module)
 
 
+def _named_targets(points: ModelPoints, config: Any, label: str, layer_type: type | None,
+                   embedding_type: type | None) -> list[LinearTarget]:
+    out: list[LinearTarget] = []
+    for named in select_modules(points, config, label):
+        module = named.module
+        if embedding_type is not None and isinstance(module, (embedding_type, nn.Embedding)):
+            vocab, width = module.num_embeddings, module.embedding_dim
+            out.append(LinearTarget(named.point, None, None, None, vocab, width, named.names, "embedding",
+                                    named.aliases))
+            continue
+        if not (isinstance(module, AdapterLinear) or is_linear_like(module)) and not isinstance(module, AdapterLayer):
+            allowed = "nn.Linear, Conv1D" + (" or nn.Embedding" if embedding_type is not None else "")
+            raise AdapterError(f"{label} target_modules matched '{named.point.path}', a {type(module).__name__}; "
+                               f"{label} adapts {allowed} modules. Name the projections inside it instead.")
+        in_f, out_f = _features(named.point, label, layer_type)
+        out.append(LinearTarget(named.point, None, None, None, in_f, out_f, named.names, aliases=named.aliases))
+    return out
+
+
 def linear_targets(points: ModelPoints, config: LinearPlacement, label: str = "This method",
-                   layer_type: type | None = None) -> list[LinearTarget]:
+                   layer_type: type | None = None, embedding_type: type | None = None) -> list[LinearTarget]:
     """Every projection (or fused-projection part) ``config`` adapts, in a fixed order; changes nothing.
 
     :param layer_type: the method's own :class:`AdapterLinear` subclass; a projection already wrapped
         by another method's layer is refused with an :class:`~adapters.errors.AdapterError`.
+    :param embedding_type: the method's layer for ``nn.Embedding`` modules, if it adapts them (only
+        reachable through ``target_modules``); ``None``: an embedding named there is refused.
+    :raises AdapterError: a target that is not a linear projection (or embedding), or names that match
+        nothing.
     """
+    if uses_target_modules(config):
+        return _named_targets(points, config, label, layer_type, embedding_type)
     out: list[LinearTarget] = []
     leave_out = set(config.leave_out)
+    only = getattr(config, "layers_to_transform", None)
 
     def plain(point: ModulePoint | None) -> None:
         if point is not None:
             in_f, out_f = _features(point, label, layer_type)
-            out.append(LinearTarget(point, None, None, None, in_f, out_f))
+            out.append(LinearTarget(point, None, None, None, in_f, out_f, _names(point, points)))
 
     for lp in points.layers:
-        if lp.index in leave_out:
+        if lp.index in leave_out or (only is not None and lp.index not in only):
             continue
         if config.selfattn_lora:
             for kind in ("self_attn", "cross_attn"):
@@ -106,7 +172,8 @@ def linear_targets(points: ModelPoints, config: LinearPlacement, label: str = "T
                     in_f, out_f = _features(attn.qkv, label, layer_type)
                     for which in chosen:
                         rows = attn.fused.index(which)
-                        out.append(LinearTarget(attn.qkv, attn.fused, rows, which, in_f, count_rows(rows, out_f)))
+                        out.append(LinearTarget(attn.qkv, attn.fused, rows, which, in_f, count_rows(rows, out_f),
+                                                _names(attn.qkv, points)))
                 else:
                     for which in chosen:
                         plain(attn.projection(which))

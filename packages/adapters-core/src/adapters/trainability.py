@@ -1,10 +1,12 @@
 """Which parameters train: the one rule of ``train_adapter`` / ``train_adapter_fusion`` and the
-parameter groups it speaks of (task heads, output embeddings)."""
+parameter groups it speaks of (task heads, output embeddings). Quantized parameters (integer storage,
+bitsandbytes / torchao weights: :func:`adapters.quantized.is_quantized_tensor`) never train."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from .quantized import is_quantized_tensor
 from .state import TrainingSetup
 
 __all__ = ["set_trainable", "freeze_base", "unique_parameters", "head_parameters", "output_embedding_parameters"]
@@ -24,21 +26,22 @@ def set_trainable(self: nn.Module, adapter_names: set[str], fusion_names: set[st
         for p in state.fusion_parameters(fusion):
             p.requires_grad_(id(p) in trained)
     for p in head_parameters(self):
-        p.requires_grad_(True)
+        p.requires_grad_(not is_quantized_tensor(p))
     for p in output_embedding_parameters(self):
         p.requires_grad_(False)
     if train_embeddings and state.points.embeddings is not None:
         for p in state.points.embeddings.module.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(not is_quantized_tensor(p))
     state.training = TrainingSetup(frozenset(adapter_names), frozenset(fusion_names), bool(train_embeddings))
 
 
 def freeze_base(self: nn.Module, freeze: bool) -> None:
+    """Freeze (or unfreeze) the base model's own parameters; quantized ones stay frozen either way."""
     state = self._adapters_state
     adapter_ids = state.owned_parameter_ids()
     for p in state.points.base_model.parameters():
         if id(p) not in adapter_ids:
-            p.requires_grad_(not freeze)
+            p.requires_grad_(not freeze and not is_quantized_tensor(p))
 
 
 def unique_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -46,10 +49,14 @@ def unique_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 def output_embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the model's output embeddings (LM head), tied or not; empty when it has none."""
+    """Parameters of the model's output embeddings (LM head), tied or not, without the weights of adapters
+    placed on it (``target_modules=["lm_head"]``); empty when it has none."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
-    return list(head.parameters()) if isinstance(head, nn.Module) else []
+    if not isinstance(head, nn.Module):
+        return []
+    owned = model._adapters_state.owned_parameter_ids()
+    return [p for p in head.parameters() if id(p) not in owned]
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:

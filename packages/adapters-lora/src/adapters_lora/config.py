@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from adapters import AdapterConfig
+from adapters.plugin import check_module_fields
 
 __all__ = ["LoRAConfig", "DoRAConfig", "IA3Config", "MTLLoRAConfig"]
 
@@ -28,6 +29,16 @@ class LoRAConfig(AdapterConfig):
     :param use_gating: multiply the delta by a learned per-sequence gate.
     :param use_dora: weight-decomposed LoRA. :param use_rslora: ``s = alpha / sqrt(r)``.
     :param dtype: weight dtype (``"float32"``, ``"bfloat16"`` ...); ``None`` follows the base weight.
+    :param target_modules: place the adapter by module names instead of the interface fields above: a
+        list of names (a module matches when its dotted path equals an entry or ends with ``"." + entry``:
+        ``["q_proj", "v_proj"]``), a regular expression matching whole paths, or ``"all-linear"`` (every
+        linear projection inside the Transformer layers; never the output head). Any ``nn.Linear`` /
+        ``Conv1D`` (a fused q|k|v projection is adapted whole) and, for LoRA, ``nn.Embedding``
+        (``embed_tokens``) and the LM head (``lm_head``). ``None``: the interface fields decide.
+    :param exclude_modules: names (or a regular expression) taken out of ``target_modules``.
+    :param layers_to_transform: only these layer indices (both ways of placing; ``None``: all).
+    :param rank_pattern: per-module ranks, ``{pattern: r}`` (keys match like ``target_modules`` entries, or
+        as a regular expression over the end of a path); :param alpha_pattern: per-module ``alpha``.
     """
 
     method: ClassVar[str] = "lora"
@@ -47,8 +58,14 @@ class LoRAConfig(AdapterConfig):
     use_dora: bool = False
     use_rslora: bool = False
     dtype: str | None = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_module_fields(self)
         self.leave_out = list(self.leave_out)
         self.attn_matrices = list(self.attn_matrices)
         bad = [m for m in self.attn_matrices if m not in ATTN_MATRICES]

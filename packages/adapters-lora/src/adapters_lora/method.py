@@ -10,12 +10,15 @@ from adapters.plugin import (
     AdapterMethod,
     AdapterState,
     AttachSite,
+    LinearTarget,
     ModelPoints,
     check_linear_placement,
     linear_targets,
+    target_config,
 )
 
 from .config import DoRAConfig, IA3Config, LoRAConfig, MTLLoRAConfig
+from .embedding import LoRAEmbedding, check_embedding_config
 from .formats import read_adapterhub_lora, read_peft, save_peft
 from .layer import LoRALinear
 
@@ -45,9 +48,16 @@ class LoRAMethod(AdapterMethod):
             return config.replace(r=rank)
         return super().average_config(config, combine_strategy, **kwargs)
 
+    def targets(self, points: ModelPoints, config: LoRAConfig) -> list[LinearTarget]:
+        """Every projection (part) and embedding table the config adapts, in a fixed order; changes nothing."""
+        return linear_targets(points, config, "LoRA", LoRALinear, LoRAEmbedding)
+
     def validate(self, config: LoRAConfig, points: ModelPoints) -> None:
         check_linear_placement(config, points, "LoRA")
-        linear_targets(points, config, "LoRA", LoRALinear)  # every target must be a linear projection
+        for target in self.targets(points, config):  # every target must be a linear projection or an embedding
+            if target.kind == "embedding":
+                check_embedding_config(config, target.point.path)
+            target_config(config, target)  # rank / alpha patterns give valid configs
 
     def share_parameters(self, state: AdapterState, adapter_names: list[str], name: str,
                          reference: str | None) -> None:
@@ -89,8 +99,15 @@ class LoRAMethod(AdapterMethod):
             layer.unshare_parameters([n for n in adapter_names if n in layer.adapters])
 
     def attach(self, site: AttachSite, name: str, config: LoRAConfig) -> None:
-        for target in linear_targets(site.points, config, "LoRA", LoRALinear):
-            point, fused = target.point, target.fused
-            layer = site.replace(point, LoRALinear,
-                                 lambda original, p=point, f=fused: LoRALinear(original, p.location, f))
-            layer.add_fused_or_plain(name, config, site, target.rows, target.which)
+        for target in self.targets(site.points, config):
+            point, fused, own = target.point, target.fused, target_config(config, target)
+            if target.kind == "embedding":
+                layer = site.replace(point, LoRAEmbedding,
+                                     lambda original, p=point: LoRAEmbedding(original, p.location))
+                layer.add_embedding_adapter(name, own, site)
+            else:
+                layer = site.replace(point, LoRALinear,
+                                     lambda original, p=point, f=fused: LoRALinear(original, p.location, f))
+                layer.add_fused_or_plain(name, own, site, target.rows, target.which)
+            for alias in target.aliases:
+                site.alias(alias, layer)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from adapters import AdapterConfig
+from adapters.plugin import check_module_fields
 
 __all__ = ["VeraConfig"]
 
@@ -36,6 +37,10 @@ class VeraConfig(AdapterConfig):
     :param dropout: dropout on the adapter's input.
     :param dtype: dtype of the vectors and projections (``"float32"``, ``"bfloat16"`` ...); ``None``
         follows the base weight.
+    :param target_modules: place the adapter by module names (a list, a regular expression or
+        ``"all-linear"``), as in :class:`adapters.LoRAConfig`; ``None``: the interface fields decide.
+    :param exclude_modules: names taken out of ``target_modules``.
+    :param layers_to_transform: only these layer indices (``None``: all).
     """
 
     method: ClassVar[str] = "vera"
@@ -53,8 +58,12 @@ class VeraConfig(AdapterConfig):
     alpha: float | None = None
     dropout: float = 0.0
     dtype: str | None = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | None = None
 
     def __post_init__(self) -> None:
+        check_module_fields(self)
         self.leave_out = [int(i) for i in self.leave_out]
         self.attn_matrices = list(self.attn_matrices)
         bad = [m for m in self.attn_matrices if m not in ATTN_MATRICES]

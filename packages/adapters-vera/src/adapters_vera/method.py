@@ -56,3 +56,5 @@ class VeraMethod(AdapterMethod):
             layer = site.replace(t.point, VeraLinear,
                                  lambda original, t=t: VeraLinear(original, t.point.location, t.fused))
             layer.add_part(name, config, site, projections, t.rows, t.which)
+            for alias in t.aliases:
+                site.alias(alias, layer)
