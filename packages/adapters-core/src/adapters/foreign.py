@@ -17,7 +17,8 @@ from .checkpoint_io import CONFIG_FILE, detect_format, read_json, read_tensors
 from .errors import CheckpointError
 from .points import FusedQKV
 
-__all__ = ["Target", "module_targets", "match_module", "rows_of", "layer_index", "default_name",
+__all__ = ["Target", "module_targets", "match_module", "local_module_path", "task_model_path", "rows_of",
+           "layer_index", "default_name",
            "check_model_type", "layer_indices", "read_config", "adapterhub_directory", "read_json", "read_tensors",
            "AH_WEIGHTS", "AH_WEIGHTS_ST"]
 
@@ -80,6 +81,36 @@ def match_module(targets: dict[str, Target], path: str, base_path: str) -> Targe
         if base_path and f"{base_path}.{rest}" in targets:
             return targets[f"{base_path}.{rest}"]
     return None
+
+
+def local_module_path(model: nn.Module, path: str) -> str | None:
+    """Our model's path of the module a foreign checkpoint names ``path`` (``None``: no such module).
+
+    Tolerates a task-model prefix on either side: ``model.layers.0.mlp.up_proj`` (saved from
+    ``Qwen3ForCausalLM``) is ``layers.0.mlp.up_proj`` on a ``Qwen3Model`` and vice versa."""
+    base_path = model._adapters_state.points.base_path
+    candidates = [path]
+    if base_path:
+        candidates.append(f"{base_path}.{path}")
+    _, _, rest = path.partition(".")
+    if rest:
+        candidates += [rest] + ([f"{base_path}.{rest}"] if base_path else [])
+    for candidate in candidates:
+        try:
+            model.get_submodule(candidate)
+        except AttributeError:
+            continue
+        return candidate
+    return None
+
+
+def task_model_path(model: nn.Module, path: str) -> str:
+    """``path`` as the task-model class names it: a bare base model (``Qwen3Model``, ``BertModel``) gets its
+    ``base_model_prefix`` (``model.``, ``bert.``), so an exported adapter fits ``Qwen3ForCausalLM`` /
+    ``BertForSequenceClassification``, the classes servers (vLLM, TGI) and PEFT load."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    bare = prefix and getattr(model, "base_model", None) is model and not hasattr(model, prefix)
+    return f"{prefix}.{path}" if bare else path
 
 
 def layer_index(targets: dict[str, Target]) -> int:

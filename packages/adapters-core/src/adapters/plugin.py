@@ -31,10 +31,12 @@ from .foreign import (
     default_name,
     layer_index,
     layer_indices,
+    local_module_path,
     match_module,
     module_targets,
     read_config,
     rows_of,
+    task_model_path,
 )
 from .frames import LayerFrame, current_frame, frame_child
 from .hookspecs import PLUGIN_API_VERSION, hookimpl
@@ -74,12 +76,14 @@ __all__ = [
     "head_tensors",
     "layer_index",
     "layer_indices",
+    "local_module_path",
     "match_module",
     "module_targets",
     "read_config",
     "read_json",
     "read_tensors",
     "rows_of",
+    "task_model_path",
     "ALL_BLOCKS",
     "ALL_LINEAR",
     "IDENTITY",
