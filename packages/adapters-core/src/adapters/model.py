@@ -48,18 +48,15 @@ def _adapter_class(cls: type) -> type:
         original_save = getattr(cls, "save_pretrained", None)
         if callable(original_save):
             def save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-                state = self._adapters_state
-                if state.adapters:
-                    import warnings
+                from .trainer_checkpoints import save_pretrained as save_with_adapters
 
-                    warnings.warn(
-                        f"save_pretrained writes the base model with the tensors of adapters {sorted(state.adapters)} "
-                        "under keys plain transformers ignores (it loads the base model alone). For a plain model "
-                        "with the adapters folded in: model.merge_and_unload().save_pretrained(...); for the "
-                        "adapter alone: model.save_adapter(...).", UserWarning, stacklevel=2)
-                return original_save(self, *args, **kwargs)
+                return save_with_adapters(self, original_save, args, kwargs)
 
-            save_pretrained.__doc__ = original_save.__doc__
+            save_pretrained.__doc__ = (original_save.__doc__ or "") + (
+                "\n\nWith adapters (adapters.trainer_checkpoints.save_pretrained): while adapters train alone "
+                "(train_adapter), writes the adapter checkpoint only, as AdapterTrainer does (what any "
+                "transformers.Trainer then writes and resumes from); otherwise the full model, with a warning, and "
+                "the unmerged active or trained adapters beside it.")
             namespace["save_pretrained"] = save_pretrained
         _class_cache[cls] = type(cls.__name__, (AdapterModelMixin, cls), namespace)
     return _class_cache[cls]
