@@ -6,6 +6,7 @@
     adapters inspect MODEL           how a model maps onto hook points (a model directory or a model type)
     adapters summary ADAPTER_DIR     what a saved adapter is: method, config, parameters, base model
     adapters convert SRC DST --model MODEL   convert adapter checkpoints (PEFT, AdapterHub 1.x <-> native)
+    adapters export-merged ADAPTER_DIR OUT   the adapter merged into its base model: a plain transformers checkpoint
 
 Every subcommand exits with status 0 on success and 2, with a message on stderr (no traceback),
 when its input is unusable.
@@ -500,16 +501,39 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _task_of(model_class: str | None, has_head: bool) -> str:
     """The ``--task`` a checkpoint with a head needs: from the model class it was saved from
-    (``BertForSequenceClassification`` -> ``seq_cls``); ``base`` without a head."""
-    from . import testing
+    (``BertForSequenceClassification`` -> ``seq_cls``, :func:`adapters.export.task_of_class`); ``base``
+    without a head."""
+    from .export import task_of_class
 
-    if has_head and model_class:
-        for task, auto_name in testing.TASKS.items():
-            suffix = auto_name.removeprefix("AutoModel")
-            if suffix and model_class.endswith(suffix):
-                print(f"the adapter carries a {model_class} head: converting with --task {task}")
-                return task
-    return "base"
+    task = task_of_class(model_class) if has_head else None
+    if task is None:
+        return "base"
+    print(f"the adapter carries a {model_class} head: converting with --task {task}")
+    return task
+
+
+# ---------------------------------------------------------------------------------------------- export-merged
+def cmd_export_merged(args: argparse.Namespace) -> int:
+    """Merge an adapter into its base model and write a plain transformers checkpoint (:mod:`adapters.export`)."""
+    from .errors import AdapterError
+    from .export import export_merged
+
+    if not os.path.isdir(args.adapter_dir):
+        raise CLIError(f"{args.adapter_dir} is not a directory holding a saved adapter" if not
+                       os.path.exists(args.adapter_dir) or os.path.isfile(args.adapter_dir) else
+                       f"{args.adapter_dir} is not a directory")
+    try:
+        result = export_merged(args.adapter_dir, args.out, model=args.model, task=args.task, dtype=args.dtype,
+                               overwrite=args.overwrite, progress=not args.no_progress)
+    except (AdapterError, OSError) as exc:
+        raise CLIError(f"cannot export {args.adapter_dir}: {exc}") from None
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    print(f"exported adapter '{result.adapter}' merged into {result.model_class} ({result.dtype}) to {result.out}: "
+          f"{', '.join(result.files)}")
+    print(f"load it without adapters: transformers.{result.model_class}.from_pretrained({result.out!r}) "
+          "(or the matching AutoModel* class)")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -526,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="adapters",
-        description="Inspect installed adapter plugins, model interfaces and saved adapters.",
+        description="Inspect installed adapter plugins, model interfaces and saved adapters; convert adapters and "
+                    "export them merged into their base model.",
         epilog="Run 'adapters <command> --help' for a command's options. Exit status: 0 success, 2 bad input.",
     )
     parser.add_argument("--version", action="version", version=f"adapters-core {__version__}")
@@ -591,6 +616,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=CONVERT_FORMATS, default="native", help="output format (default: native)")
     p.add_argument("--force", action="store_true", help="write into DST even if it is not empty")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export-merged", help="merge an adapter into its base model and write a plain transformers "
+                                             "checkpoint",
+                       description="Merge an adapter into its base model and write a plain transformers checkpoint.\n\n"
+                                   "Loads the base model (from_pretrained, in float32: 4 bytes of memory per "
+                                   "parameter)\nand the adapter (native, PEFT or AdapterHub 1.x; its trained head "
+                                   "and input embeddings\nincluded), merges it (merge_and_unload) and writes OUT: "
+                                   "model.safetensors, config.json,\ngeneration_config.json for generative "
+                                   "models, and the base model's tokenizer files.\n"
+                                   "transformers.AutoModel*.from_pretrained(OUT) loads it without adapters.\n\n"
+                                   "Methods that cannot merge (bottleneck adapters, ReFT) are refused. On any "
+                                   "error nothing is\nwritten: OUT is left as it was.",
+                       epilog="examples:\n  adapters export-merged ./my_lora ./merged\n"
+                              "  adapters export-merged ./my_lora ./merged --model Qwen/Qwen3-0.6B --dtype bfloat16\n"
+                              "  adapters export-merged ./sst_lora ./sst_merged --model ./bert-dir --task seq_cls",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR",
+                   help="directory of the adapter: written by save_adapter, or a PEFT / AdapterHub 1.x checkpoint")
+    p.add_argument("out", metavar="OUT", help="directory to write the merged checkpoint to (new or empty)")
+    p.add_argument("--model", metavar="M", default=None,
+                   help="the base model: a local model directory or a Hugging Face Hub id (default: the base model "
+                        "the adapter's config records)")
+    p.add_argument("--task", default=None, choices=["base", "causal_lm", "seq2seq_lm", "seq_cls"],
+                   help="which Auto class loads the base model (default: the class the adapter was saved from, "
+                        "e.g. Qwen3ForCausalLM; else PEFT's task_type or the task of its head; else the base "
+                        "model's own class)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the written weights (default: the base model's dtype)")
+    p.add_argument("--overwrite", "--force", action="store_true",
+                   help="write into OUT even if it is not empty: its weight files are replaced, other files stay")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide transformers' and the Hub's progress bars (the step lines stay)")
+    p.set_defaults(func=cmd_export_merged)
     return parser
 
 
