@@ -1,10 +1,13 @@
 """Composition blocks: how several adapters combine in one forward pass.
 
 Blocks are values: immutable children, hashable, equal exactly when they compute the same thing
-(names, weights, splits and fusion names included). ``adapters.init``-ed models compile a setup
-into per-layer plans (:mod:`adapters.plan`) once and cache them under the block itself. Blocks
-nest (``Stack("a", Fuse("b", "c"))``) within the rules of :data:`ALLOWED_NESTING`; every method
-declares the blocks it supports (:attr:`adapters.method.AdapterMethod.supported_blocks`) and an
+(names, weights, splits and fusion names included). A ``Stack`` of one child *is* that child: a single
+active adapter is ``Stack("copy")`` (as in AdapterHub, whose code compares with ``Stack(...)`` and calls
+``flatten()`` / ``first()``), and it also equals, hashes like and prints as ``"copy"``.
+``adapters.init``-ed models compile a setup into per-layer plans (:mod:`adapters.plan`) once and cache
+them under the block itself. Blocks nest (``Stack("a", Fuse("b", "c"))``) within the rules of
+:data:`ALLOWED_NESTING`; every method declares the blocks it supports
+(:attr:`adapters.method.AdapterMethod.supported_blocks`) and an
 unsupported combination is refused at activation.
 """
 
@@ -62,10 +65,14 @@ class AdapterCompositionBlock(Sequence):
         return iter(self.children)
 
     def __eq__(self, other: object) -> bool:
+        mine, theirs = _unwrap(self), _unwrap(other)
+        if mine is not self or theirs is not other:  # a one-child Stack compares as its child
+            return mine == theirs
         return type(self) is type(other) and self._key() == other._key()  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        inner = _unwrap(self)
+        return hash(inner) if inner is not self else hash(self._key())
 
     def _extra(self) -> tuple:
         return ()
@@ -80,6 +87,21 @@ class AdapterCompositionBlock(Sequence):
 
     def _extra_repr(self) -> list[tuple[str, object]]:
         return []
+
+    def __str__(self) -> str:
+        """The setup as a reader says it: ``copy`` for ``Stack("copy")`` (one adapter), else the repr."""
+        inner = _unwrap(self)
+        return inner if isinstance(inner, str) else repr(inner)
+
+    def first(self) -> str:
+        """The first adapter name of the setup (depth first), as AdapterHub's blocks have it."""
+        child = self.children[0]
+        return child if isinstance(child, str) else child.first()
+
+    def last(self) -> str:
+        """The last adapter name of the setup (depth first), as AdapterHub's blocks have it."""
+        child = self.children[-1]
+        return child if isinstance(child, str) else child.last()
 
     @property
     def name(self) -> str:
@@ -97,7 +119,18 @@ class AdapterCompositionBlock(Sequence):
 
 
 class Stack(AdapterCompositionBlock):
-    """Adapters one after another: ``b`` runs on ``a``'s output (LoRA-family deltas add up)."""
+    """Adapters one after another: ``b`` runs on ``a``'s output (LoRA-family deltas add up).
+
+    ``Stack("a")`` is the adapter ``a`` alone (what ``model.active_adapters`` returns after
+    ``set_active_adapters("a")``): it equals ``"a"``, hashes like it and prints as ``a``.
+    """
+
+
+def _unwrap(setup: object) -> object:
+    """``setup`` without enclosing one-child ``Stack`` blocks (``Stack(Stack("a"))`` -> ``"a"``)."""
+    while isinstance(setup, Stack) and len(setup.children) == 1:
+        setup = setup.children[0]
+    return setup
 
 
 class Fuse(AdapterCompositionBlock):
