@@ -201,7 +201,12 @@ class AdapterModelMixin:
     # -- activation ------------------------------------------------------------------------------
     @property
     def active_adapters(self) -> ac.AdapterCompositionBlock | None:
-        """The active setup, as a composition block (a single adapter is ``Stack(name)``)."""
+        """The active setup as a composition block; ``None`` when no adapter is active.
+
+        A single adapter ``"copy"`` is ``Stack("copy")``, the block AdapterHub returns, so its code keeps
+        working (``== Stack("copy")``, ``flatten()``, ``first()``, iteration). That block is the adapter
+        alone: it equals ``"copy"`` (``model.active_adapters == "copy"``) and ``print`` shows ``copy``.
+        """
         active = self._adapters_state.active
         return ac.Stack(active) if isinstance(active, str) else active
 
