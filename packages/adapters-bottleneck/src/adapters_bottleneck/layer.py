@@ -39,6 +39,7 @@ from adapters.plugin import (
     ModulePoint,
     PlanNode,
     PlanOps,
+    adapter_dtype_at,
     frame_child,
 )
 
@@ -148,7 +149,7 @@ class BottleneckLayer(AdapterLayer):
         layer_index = int(self.location.split(".")[1])
         bottleneck = max(1, int(self.hidden // config.reduction_for(layer_index)))
         proj = owner.get_submodule(self.proj_path)
-        dtype = site.dtype_for(proj, config)
+        dtype = adapter_dtype_at(site, proj, config)  # a quantized projection: its compute dtype
         device = next((p.device for p in proj.parameters()), None)
         shared: dict[str, nn.Module] = {}
         if config.phm_layer:

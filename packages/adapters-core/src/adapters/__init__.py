@@ -35,6 +35,8 @@ _CORE_NAMES = {
     "register_plugin": "plugins",
     "registry": "plugins",
     "AdapterTrainer": "trainer",
+    "prepare_model_for_kbit_training": "quantized",
+    "QuantizedMergeWarning": "quantized",
     "composition": None,
     "Stack": "composition",
     "Fuse": "composition",

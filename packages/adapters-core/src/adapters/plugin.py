@@ -60,6 +60,7 @@ from .plan import (
     execute,
 )
 from .points import AttentionPoints, FusedQKV, LayerPoints, ModelPoints, ModulePoint, linear_features
+from .quantized import adapter_dtype_at
 from .shared_ref import SharedRef
 from .state import AdapterState
 from .targets import LINEAR_HOOK_POINTS, LinearTarget, check_linear_placement, linear_targets, target_config
@@ -85,6 +86,7 @@ __all__ = [
     "rows_of",
     "task_model_path",
     "ALL_BLOCKS",
+    "adapter_dtype_at",
     "ALL_LINEAR",
     "IDENTITY",
     "LINEAR_HOOK_POINTS",

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from .composition import fusion_names
+from .quantized import logical_numel
 from .state import setup_adapter_names
 from .trainability import unique_parameters
 
@@ -23,7 +24,7 @@ def adapter_summary(self: nn.Module, as_dict: bool = False) -> str | list[dict[s
     state = self._adapters_state
     adapter_ids = state.owned_parameter_ids()
     base_params = [p for p in unique_parameters(self) if id(p) not in adapter_ids]
-    base_count = sum(p.numel() for p in base_params)
+    base_count = sum(logical_numel(p) for p in base_params)  # a 4-bit weight counts its weights, not bytes
     inner_ids = {id(p) for p in state.points.base_model.parameters()}
     head_params = [p for p in base_params if id(p) not in inner_ids]
     inner_params = [p for p in base_params if id(p) in inner_ids]
@@ -31,7 +32,7 @@ def adapter_summary(self: nn.Module, as_dict: bool = False) -> str | list[dict[s
     active_fusions = fusion_names(state.active)
 
     def row(name: str, method: str, params: list, active: bool, merged: bool = False) -> dict[str, Any]:
-        count = sum(p.numel() for p in params)
+        count = sum(logical_numel(p) for p in params)
         share = 100.0 * count / base_count if base_count else 0.0
         return {"name": name, "method": method, "#params": count, "%params": share, "active": active,
                 "train": any(p.requires_grad for p in params), "merged": merged}

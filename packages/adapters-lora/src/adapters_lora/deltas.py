@@ -239,12 +239,16 @@ class DoRADelta(LoRADelta):
         norm = base_rows_weight.detach().float().norm(dim=1)
         self.magnitude = nn.Parameter(norm.to(dtype=dtype, device=device))
 
-    def _base_sq_norms(self, w_rows: torch.Tensor) -> torch.Tensor:
+    def _base_sq_norms(self, w_rows: torch.Tensor, layer: LoRALinear | None = None) -> torch.Tensor:
         """``‖W_i‖²`` per row, cached while the frozen weight is unchanged (keyed on its version
-        counter and storage), so the forward pass does not re-read and square the whole ``W``."""
+        counter and storage), so the forward pass does not re-read and square the whole ``W``. The rows of
+        a quantized base are a transient dequantized copy: the key is then the layer's stored weight."""
         if torch.compiler.is_compiling():  # before any data_ptr() / _version read: those break the graph
             return (w_rows * w_rows).sum(dim=1)
-        key = (w_rows._version, w_rows.data_ptr(), w_rows.shape, w_rows.dtype, w_rows.device)
+        if layer is not None and layer.quantization is not None:
+            key = (*layer.weight_key(), w_rows.shape, w_rows.dtype)
+        else:
+            key = (w_rows._version, w_rows.data_ptr(), w_rows.shape, w_rows.dtype, w_rows.device)
         cached = self.__dict__.get("_sq_cache")
         if cached is None or cached[0] != key:
             value = (w_rows * w_rows).sum(dim=1)
@@ -252,11 +256,11 @@ class DoRADelta(LoRADelta):
             return value
         return cached[1]
 
-    def row_norm(self, w_rows: torch.Tensor) -> torch.Tensor:
-        """``‖W + s·BA‖`` per output row, without forming ``W + s·BA``."""
+    def row_norm(self, w_rows: torch.Tensor, layer: LoRALinear | None = None) -> torch.Tensor:
+        """``‖W + s·BA‖`` per output row, without forming ``W + s·BA`` (``layer``: where ``w_rows`` came from)."""
         a, b, s = self.lora_A, self.lora_B, self.scaling
         w_rows = w_rows.to(a.dtype)
-        w_sq = self._base_sq_norms(w_rows)
+        w_sq = self._base_sq_norms(w_rows, layer)
         cross = (b * F.linear(w_rows, a)).sum(dim=1)  # B_i · (W_i Aᵀ)
         gram = F.linear(a, a)  # A Aᵀ (r × r)
         quad = ((b @ gram) * b).sum(dim=1)
@@ -265,7 +269,7 @@ class DoRADelta(LoRADelta):
     def forward(self, x: torch.Tensor, y: torch.Tensor, layer: LoRALinear, owned: bool = False) -> torch.Tensor:
         rows = self.row_index
         w_rows = layer.weight_rows(self.row_slice if self.row_slice is not None else rows).detach()
-        factor = (self.magnitude / self.row_norm(w_rows).detach()).to(y.dtype)
+        factor = (self.magnitude / self.row_norm(w_rows, layer).detach()).to(y.dtype)
         bias = layer.bias_rows(rows)
         base = y if rows is None else y.index_select(-1, rows)
         if bias is not None:

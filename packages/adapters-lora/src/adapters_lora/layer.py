@@ -51,8 +51,8 @@ class LoRALinear(AdapterLinear):
             return self.base_forward(x)
         if type(plan) is Leaf:
             module = self._modules["adapters"]._modules[plan.name]
-            # a lone plain LoRA adapter on an nn.Linear: the straight-line path (the in-place update
-            # is not autocast-aware: under autocast the general path runs)
+            # a lone plain LoRA adapter on a float nn.Linear: the straight-line path (the in-place update
+            # is not autocast-aware: under autocast the general path runs; a quantized base is called)
             if module.straight and not torch.is_autocast_enabled(x.device.type):
                 lora_a = param(module, "lora_A")
                 if x.dtype == lora_a.dtype:
@@ -92,7 +92,7 @@ class LoRALinear(AdapterLinear):
         self.adapters[name].parts[which] = self._build(config, site, rows, which)
 
     def _build(self, config: LoRAConfig, site: AttachSite, rows: Rows, which: str) -> nn.Module:
-        dtype = site.dtype_for(self.weight, config)
+        dtype = self.adapter_dtype(site, config)
         device = self.weight.device
         out_rows = count_rows(rows, self.out_features)
         key = f"{self.location}.{which}" if which else self.location
@@ -104,7 +104,7 @@ class LoRALinear(AdapterLinear):
             return MTLLoRADelta(config, self.in_features, out_rows, rows, dtype, device, key)
         module = LoRADelta(config, self.in_features, out_rows, rows, dtype, device, key)
         module.straight = (module.dropout is None and module.gate is None and module.row_index is None
-                           and not self.is_conv1d)
+                           and not self.is_conv1d and self.quantization is None)
         return module
 
     def units(self, name: str) -> dict[str, nn.Module]:
