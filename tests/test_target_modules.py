@@ -54,7 +54,8 @@ def _is_linear(m) -> bool:
 FORMS = [
     # (arch, task, target_modules, which base modules must be adapted)
     ("qwen3", "causal_lm", ["gate_proj", "k_proj"], lambda p, m: p.endswith(("gate_proj", "k_proj"))),
-    ("llama", "causal_lm", r".*layers\.1\.mlp\.(up|down)_proj", lambda p, m: re.search(r"layers\.1\.mlp\.(up|down)", p)),
+    ("llama", "causal_lm", r".*layers\.1\.mlp\.(up|down)_proj",
+     lambda p, m: re.search(r"layers\.1\.mlp\.(up|down)", p)),
     ("gpt2", "causal_lm", "all-linear", lambda p, m: ".h." in p and _is_linear(m)),
     ("phi3", "causal_lm", ["qkv_proj", "down_proj"], lambda p, m: p.endswith(("qkv_proj", "down_proj"))),
     ("bert", "seq_cls", ["query", "output.dense"], lambda p, m: p.endswith(("query", "output.dense"))),
@@ -183,7 +184,7 @@ def test_merge_into_a_tied_weight_is_refused_and_changes_nothing():
     model.add_adapter("x", adapters.LoRAConfig(target_modules=["embed_tokens"]))
     _perturb(model, "x")
     before = model.lm_head.weight.detach().clone()
-    with pytest.raises(AdapterError, match="also the weight of 'lm_head'.*tied"):
+    with pytest.raises(AdapterError, match=r"also the weight of 'lm_head'.*tied"):
         model.merge_adapter("x")
     assert torch.equal(model.lm_head.weight, before) and not model._adapters_state.merged
 

@@ -1,0 +1,148 @@
+"""Every LoRA-family shape peft writes, both directions, against peft itself (installed in the tests session).
+
+One test per shape: ``"all-linear"`` (gate / up / down included), per-module ranks and alphas
+(``rank_pattern`` / ``alpha_pattern``, several scalings), LoRA on the input embeddings and the LM head,
+rsLoRA with mixed ranks, IA3 (output scaling), a SEQ_CLS head as ``modules_to_save``. peft makes the
+adapter (weights perturbed so it really acts), we load it and must give peft's outputs; we export it and
+peft must give them again. Exports are server-ready: modules named as the causal-LM class names them, ``r``
+the largest real tensor rank, ``lora_alpha`` the adapter's scaling at that rank.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import adapters
+from adapters.errors import CheckpointError
+from adapters.testing import tiny_inputs, tiny_model
+
+peft = pytest.importorskip("peft")
+
+
+def _logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _peft_model(config, arch: str = "qwen3", task: str = "causal_lm", seed: int = 0):
+    model = peft.get_peft_model(tiny_model(arch, task), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("lora_", "ia3_l", "modules_to_save")):
+                p.add_((0.1 * torch.randn(p.shape, generator=gen)).to(p.dtype))
+    return model.eval()
+
+
+def _round_trip(theirs, tmp_path, arch: str = "qwen3", task: str = "causal_lm") -> tuple[dict, torch.nn.Module]:
+    """peft -> ours (same logits) -> our PEFT export -> peft (same logits); returns the exported config."""
+    inputs = tiny_inputs(tiny_model(arch, task), batch=2, seq=6)
+    ref = _logits(theirs, inputs)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = adapters.init(tiny_model(arch, task))
+    plain = _logits(ours, inputs)
+    name = ours.load_adapter(str(tmp_path / "peft"), set_active=True)
+    assert not torch.allclose(_logits(ours, inputs), plain, atol=1e-4)
+    torch.testing.assert_close(_logits(ours, inputs), ref, atol=1e-5, rtol=1e-5)
+    ours.save_adapter(str(tmp_path / "ours"), name, format="peft")
+    back = peft.PeftModel.from_pretrained(tiny_model(arch, task), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(_logits(back, inputs), ref, atol=1e-5, rtol=1e-5)
+    return json.loads((tmp_path / "ours" / "adapter_config.json").read_text()), ours
+
+
+def test_all_linear(tmp_path):
+    cfg, _ours = _round_trip(_peft_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")), tmp_path)
+    kinds = {m.rsplit(".", 1)[1] for m in cfg["target_modules"]}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["alpha_pattern"]) == (4, 8, {}, {})
+    assert all(m.startswith("model.layers.") for m in cfg["target_modules"])
+
+
+def test_rank_and_alpha_patterns_with_several_scalings(tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                             rank_pattern={"down_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+                             alpha_pattern={"v_proj": 3})
+    cfg, ours = _round_trip(_peft_model(config), tmp_path)
+    native = ours._adapters_state.record(next(iter(ours._adapters_state.adapters))).config
+    assert native.rank_pattern and native.alpha_pattern
+    assert cfg["r"] == 6  # the largest real rank, as vLLM checks it
+
+
+def test_input_embeddings_and_lm_head(tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "lm_head", "q_proj"])
+    cfg, ours = _round_trip(_peft_model(config), tmp_path)
+    assert type(ours.model.embed_tokens).__name__ == "LoRAEmbedding"
+    assert type(ours.lm_head).__name__ == "LoRALinear"
+    assert {"model.embed_tokens", "lm_head"} <= set(cfg["target_modules"])
+
+
+def test_rslora_with_mixed_ranks(tmp_path):
+    config = peft.LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "up_proj"],
+                             rank_pattern={"up_proj": 2})
+    _round_trip(_peft_model(config), tmp_path)
+
+
+def test_dora_on_every_linear(tmp_path):
+    _round_trip(_peft_model(peft.LoraConfig(r=2, target_modules="all-linear", use_dora=True)), tmp_path)
+
+
+def test_fused_qkv_projection_whole(tmp_path):
+    """Phi-3's fused qkv_proj and gate_up_proj adapted whole (as peft does), both ways."""
+    cfg, _ours = _round_trip(_peft_model(peft.LoraConfig(r=4, target_modules=["qkv_proj", "gate_up_proj"]), "phi3"),
+                            tmp_path, "phi3")
+    assert cfg["r"] == 4 and not cfg["rank_pattern"]
+
+
+def test_ia3_output_scaling(tmp_path):
+    config = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=[])
+    cfg, ours = _round_trip(_peft_model(config), tmp_path)
+    assert cfg["peft_type"] == "IA3"
+    assert ours._adapters_state.record(next(iter(ours._adapters_state.adapters))).config.composition_mode == "scale"
+
+
+def test_ia3_input_scaling_is_refused_clearly(tmp_path):
+    config = peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    _peft_model(config).save_pretrained(str(tmp_path))
+    ours = adapters.init(tiny_model("qwen3", "causal_lm"))
+    with pytest.raises(CheckpointError, match="scaling a module's input"):
+        ours.load_adapter(str(tmp_path))
+    assert not ours._adapters_state.adapters
+
+
+def test_base_model_adapter_exports_with_the_causal_lm_names(tmp_path):
+    """An adapter trained on Qwen3Model is written as Qwen3ForCausalLM names it (vLLM / peft load it there);
+    ``convert --to peft`` of its native checkpoint does the same."""
+    base = adapters.init(tiny_model("qwen3"))
+    base.add_adapter("a", adapters.LoRAConfig(target_modules=["q_proj", "down_proj"], r=4))
+    base.save_adapter(str(tmp_path / "peft"), "a", format="peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert all(m.startswith("model.layers.") for m in cfg["target_modules"])
+    base.save_adapter(str(tmp_path / "native"), "a")
+    tiny_model("qwen3").save_pretrained(str(tmp_path / "base"))
+    from adapters.cli import main
+
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "converted"), "--to", "peft",
+                 "--model", str(tmp_path / "base")]) == 0
+    converted = json.loads((tmp_path / "converted" / "adapter_config.json").read_text())
+    assert converted["target_modules"] == cfg["target_modules"]
+
+
+def test_peft_export_carries_a_trained_head_and_embeddings(tmp_path):
+    """``save_adapter(..., format="peft", with_head=True)`` never drops the trained head or embeddings."""
+    model = adapters.init(tiny_model("bert", "seq_cls"))
+    model.add_adapter("a", adapters.LoRAConfig(r=2))
+    model.train_adapter("a", train_embeddings=True)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+        model.bert.embeddings.word_embeddings.weight.add_(0.5)
+    model.eval()
+    inputs = tiny_inputs(model, batch=2, seq=6)
+    ref = _logits(model, inputs)
+    model.save_adapter(str(tmp_path), "a", format="peft", with_head=True)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert {"classifier", "bert.embeddings.word_embeddings"} <= set(cfg["modules_to_save"])
+    back = peft.PeftModel.from_pretrained(tiny_model("bert", "seq_cls"), str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(back, inputs), ref, atol=1e-5, rtol=1e-5)
