@@ -20,7 +20,8 @@ EXPECTED = sorted([
     "row_index", "CONFIG_FILE", "LoadedCheckpoint", "Target", "adapterhub_directory", "check_model_type",
     "default_name", "detect_format", "embedding_tensors", "head_tensors", "layer_index", "layer_indices",
     "match_module", "module_targets", "read_config", "read_json", "read_tensors", "rows_of",
-    "ALL_LINEAR", "check_module_fields", "select_modules", "target_config", "adapter_dtype_at", "local_module_path", "task_model_path",
+    "ALL_LINEAR", "check_module_fields", "select_modules", "target_config", "local_module_path", "task_model_path",
+    "adapter_dtype_at",
 ])
 
 
