@@ -16,6 +16,7 @@ from adapters.plugin import (
 )
 
 from .config import VeraConfig
+from .formats import read_peft_vera, save_peft_vera
 from .layer import VeraLinear, VeraProjections
 
 __all__ = ["VeraMethod"]
@@ -30,6 +31,7 @@ class VeraMethod(AdapterMethod):
     supported_blocks = frozenset({"Stack", "BatchSplit", "Average", "MultiTask", "Parallel"})
     hook_points = LINEAR_HOOK_POINTS
     can_merge = True
+    formats = {"peft": (read_peft_vera, save_peft_vera)}
 
     def validate(self, config: VeraConfig, points: ModelPoints) -> None:
         check_linear_placement(config, points, "VeRA")
