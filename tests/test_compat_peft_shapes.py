@@ -146,3 +146,38 @@ def test_peft_export_carries_a_trained_head_and_embeddings(tmp_path):
     assert {"classifier", "bert.embeddings.word_embeddings"} <= set(cfg["modules_to_save"])
     back = peft.PeftModel.from_pretrained(tiny_model("bert", "seq_cls"), str(tmp_path)).eval()
     torch.testing.assert_close(_logits(back, inputs), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_servable_check_names_what_a_server_would_refuse_or_change(tmp_path):
+    model = adapters.init(tiny_model("qwen3", "causal_lm"))
+    model.add_adapter("plain", adapters.LoRAConfig(target_modules="all-linear", r=4, rank_pattern={"down_proj": 2},
+                                                   alpha_pattern={"down_proj": 4}))  # smaller rank, same scaling
+    model.add_adapter("scaled", adapters.LoRAConfig(target_modules=["q_proj", "v_proj"], alpha_pattern={"v_proj": 2}))
+    model.add_adapter("dora", adapters.DoRAConfig())
+    model.add_adapter("ia3", adapters.IA3Config())
+    for name in ("plain", "scaled", "dora", "ia3"):
+        model.save_adapter(str(tmp_path / name), name, format="peft")
+    assert adapters.servable_problems(str(tmp_path / "plain")) == []  # smaller ranks, one scaling: fine
+    adapters.check_servable(str(tmp_path / "plain"))
+    assert any("own scaling" in p for p in adapters.servable_problems(str(tmp_path / "scaled")))
+    assert any("DoRA" in p for p in adapters.servable_problems(str(tmp_path / "dora")))
+    with pytest.raises(adapters.AdapterError, match="LoRA adapters only"):
+        adapters.check_servable(str(tmp_path / "ia3"))
+    cls = adapters.init(tiny_model("bert", "seq_cls"))
+    cls.add_adapter("c", adapters.LoRAConfig())
+    cls.train_adapter("c")
+    cls.save_adapter(str(tmp_path / "cls"), "c", format="peft")
+    assert any("modules_to_save" in p for p in adapters.servable_problems(str(tmp_path / "cls")))
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_names(arch, tmp_path):
+    """T5's task class holds encoder / decoder itself (no prefix); BART's wraps BartModel under ``model.``."""
+    targets = ["q", "v", "wo"] if arch == "t5" else ["q_proj", "v_proj", "fc2"]
+    _round_trip(_peft_model(peft.LoraConfig(r=2, target_modules=targets), arch), tmp_path, arch)
+    base = adapters.init(tiny_model(arch))
+    base.add_adapter("a", adapters.LoRAConfig(target_modules=targets, r=2))
+    base.save_adapter(str(tmp_path / "base"), "a", format="peft")
+    names = json.loads((tmp_path / "base" / "adapter_config.json").read_text())["target_modules"]
+    assert all(n.startswith("encoder." if arch == "t5" else "model.") or n.startswith("decoder.") for n in names)
+    assert any(n.startswith("model.") for n in names) == (arch == "bart")

@@ -37,6 +37,8 @@ _CORE_NAMES = {
     "AdapterTrainer": "trainer",
     "prepare_model_for_kbit_training": "quantized",
     "QuantizedMergeWarning": "quantized",
+    "check_servable": "compat.servable",
+    "servable_problems": "compat.servable",
     "composition": None,
     "Stack": "composition",
     "Fuse": "composition",

@@ -105,12 +105,47 @@ def local_module_path(model: nn.Module, path: str) -> str | None:
 
 
 def task_model_path(model: nn.Module, path: str) -> str:
-    """``path`` as the task-model class names it: a bare base model (``Qwen3Model``, ``BertModel``) gets its
-    ``base_model_prefix`` (``model.``, ``bert.``), so an exported adapter fits ``Qwen3ForCausalLM`` /
-    ``BertForSequenceClassification``, the classes servers (vLLM, TGI) and PEFT load."""
+    """``path`` as the task-model class names it: a bare base model whose task classes hold it under
+    ``base_model_prefix`` (``Qwen3Model`` in ``Qwen3ForCausalLM.model``, ``BertModel`` in ``.bert``) gets
+    that prefix, so an exported adapter fits the classes servers (vLLM, TGI) and PEFT load. A base class its
+    task classes do not wrap (``T5Model``: ``T5ForConditionalGeneration`` holds ``encoder`` / ``decoder``
+    itself) keeps its paths."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     bare = prefix and getattr(model, "base_model", None) is model and not hasattr(model, prefix)
-    return f"{prefix}.{path}" if bare else path
+    return f"{prefix}.{path}" if bare and _task_class_wraps(type(model), prefix) else path
+
+
+_WRAPS: dict[type, bool] = {}
+
+
+def _task_class_wraps(cls: type, prefix: str) -> bool:
+    """Whether the causal-LM (else seq2seq-LM, else sequence-classification) class of ``cls``'s model type
+    holds the base model under ``prefix`` (built once per class on the meta device: no memory, no weights)."""
+    original = getattr(cls, "_adapters_original_class", cls)
+    if original not in _WRAPS:
+        _WRAPS[original] = True  # the common case, if the task class cannot be found
+        config_class = getattr(original, "config_class", None)
+        try:
+            import transformers
+            from transformers.utils import logging as hf_logging
+
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # building a causal-LM class of an encoder warns; it is only looked at
+        except ImportError:
+            return True
+        try:
+            for auto in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification"):
+                mapping = getattr(transformers, auto)._model_mapping
+                if config_class is not None and config_class in mapping:
+                    with torch.device("meta"):
+                        task = mapping[config_class]._from_config(config_class())
+                    _WRAPS[original] = hasattr(task, prefix)
+                    break
+        except Exception:  # noqa: BLE001 - an unusual model class keeps the default
+            pass
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    return _WRAPS[original]
 
 
 def layer_index(targets: dict[str, Target]) -> int:
