@@ -181,3 +181,19 @@ def test_encoder_decoder_names(arch, tmp_path):
     names = json.loads((tmp_path / "base" / "adapter_config.json").read_text())["target_modules"]
     assert all(n.startswith("encoder." if arch == "t5" else "model.") or n.startswith("decoder.") for n in names)
     assert any(n.startswith("model.") for n in names) == (arch == "bart")
+
+
+def test_convert_servable_refuses_and_writes_nothing(tmp_path, capsys):
+    from adapters.cli import main
+
+    tiny_model("qwen3").save_pretrained(str(tmp_path / "base"))
+    model = adapters.init(tiny_model("qwen3"))
+    model.add_adapter("ok", adapters.LoRAConfig(target_modules="all-linear"))
+    model.add_adapter("d", adapters.DoRAConfig())
+    for name in ("ok", "d"):
+        model.save_adapter(str(tmp_path / name), name)
+    common = ["--to", "peft", "--servable", "--model", str(tmp_path / "base")]
+    assert main(["convert", str(tmp_path / "ok"), str(tmp_path / "ok_peft"), *common]) == 0
+    assert main(["convert", str(tmp_path / "d"), str(tmp_path / "d_peft"), *common]) == 2
+    assert "DoRA is refused by vLLM" in capsys.readouterr().err
+    assert not (tmp_path / "d_peft").exists()

@@ -466,6 +466,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.src} is not a directory holding a saved adapter")
     if os.path.isdir(args.dst) and os.listdir(args.dst) and not args.force:
         raise CLIError(f"{args.dst} exists and is not empty; pass --force to write into it")
+    if args.servable and args.to != "peft":
+        raise CLIError("--servable checks a PEFT adapter for vLLM / TGI: use it with --to peft")
     from .checkpoint import read_checkpoint
     from .errors import AdapterError
     from .initialization import init
@@ -495,6 +497,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
             model.save_adapter(args.dst, name, format=args.to)
     except (AdapterError, ValueError, TypeError) as exc:
         raise CLIError(f"cannot convert {args.src}: {exc}") from None
+    if args.servable:
+        from .compat.servable import servable_problems
+
+        problems = servable_problems(args.dst)
+        if problems:
+            import shutil
+
+            shutil.rmtree(args.dst)
+            raise CLIError(f"{args.src} would not be served as trained by vLLM / TGI, so {args.dst} was not kept: "
+                           + "; ".join(problems))
     print(f"converted adapter '{name}' ({args.src}) to the {args.to} format in {args.dst}")
     return 0
 
@@ -615,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the adapter carries, else base)")
     p.add_argument("--to", choices=CONVERT_FORMATS, default="native", help="output format (default: native)")
     p.add_argument("--force", action="store_true", help="write into DST even if it is not empty")
+    p.add_argument("--servable", action="store_true",
+                   help="with --to peft: refuse (and write nothing) unless vLLM / TGI would serve the adapter as "
+                        "trained (no DoRA, no modules_to_save heads, one scaling lora_alpha / r)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export-merged", help="merge an adapter into its base model and write a plain transformers "
