@@ -231,7 +231,7 @@ def _check_found(wanted: str | list[str], used: set[str], chosen: list[NamedModu
     if isinstance(wanted, list):
         missing = [e for e in wanted if e not in used]
         if missing:
-            leaves = sorted({n.rsplit(".", 1)[-1] for n in all_names})
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in all_names} - {str(i) for i in range(len(all_names))})
             hints = {e: difflib.get_close_matches(e.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.5) for e in missing}
             detail = "; ".join(f"{e!r}" + (f" (did you mean {h}?)" if h else "") for e, h in hints.items())
             raise AdapterError(f"{label} target_modules entries match no module of this model: {detail}. Module "
