@@ -103,11 +103,25 @@ def test_ia3_output_scaling(tmp_path):
     assert ours._adapters_state.record(next(iter(ours._adapters_state.adapters))).config.composition_mode == "scale"
 
 
-def test_ia3_input_scaling_is_refused_clearly(tmp_path):
-    config = peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
-    _peft_model(config).save_pretrained(str(tmp_path))
+def test_ia3_with_feedforward_modules_scaling_inputs(tmp_path):
+    """peft's default IA3 shape for Llama-style models: k, v and down_proj, down_proj scaling its input."""
+    config = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    cfg, ours = _round_trip(_peft_model(config), tmp_path)
+    assert cfg["feedforward_modules"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    native = ours._adapters_state.record(next(iter(ours._adapters_state.adapters))).config
+    assert native.feedforward_modules == ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
+
+
+def test_malformed_ia3_vector_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _peft_model(peft.IA3Config(target_modules=["k_proj"], feedforward_modules=[])).save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"] = torch.zeros(2, 32)
+    save_file(tensors, str(path))
     ours = adapters.init(tiny_model("qwen3", "causal_lm"))
-    with pytest.raises(CheckpointError, match="scaling a module's input"):
+    with pytest.raises(CheckpointError, match="neither an adapter weight"):
         ours.load_adapter(str(tmp_path))
     assert not ours._adapters_state.adapters
 

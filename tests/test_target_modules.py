@@ -293,3 +293,36 @@ def test_bad_targets_are_refused_and_leave_the_model_unchanged(config, needle):
 def test_invalid_fields_fail_when_the_config_is_made(bad):
     with pytest.raises(ValueError):
         adapters.LoRAConfig(**bad)
+
+
+def test_ia3_scaling_inputs_of_feedforward_modules():
+    model = adapters.init(tiny_model("qwen3"))
+    inputs = tiny_inputs(model, batch=2, seq=5)
+    model.add_adapter("i", adapters.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                              init_weights="bert"))
+    model.add_adapter("l", adapters.LoRAConfig(target_modules=["down_proj"], init_weights="bert"))
+    layer = model.layers[0].mlp.down_proj
+    unit = layer.adapters["i"]
+    assert unit.input_scale.shape == (model.config.intermediate_size,)
+    x = torch.randn(2, 3, model.config.intermediate_size)
+    model.set_active_adapters("i")
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x * unit.input_scale, layer.weight))
+    model.set_active_adapters(ac.Stack("i", "l"))
+    stacked = _out(model, inputs)
+    model.merge_adapter("i")  # input scaling merged first: W diag(l), then the LoRA delta adds
+    model.merge_adapter("l")
+    torch.testing.assert_close(_out(model, inputs), stacked, rtol=1e-4, atol=1e-5)
+    model.reset_adapter()
+    model.merge_adapter("l")
+    weights = _state(model)
+    with pytest.raises(AdapterError, match="merge it first"):
+        model.merge_adapter("i")
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="composition_mode='scale'"):
+        adapters.LoRAConfig(feedforward_modules=["down_proj"])
+    with pytest.raises(AdapterError, match="names none of the adapted"):
+        model.add_adapter("x", adapters.IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"]))
+    gpt2 = adapters.init(tiny_model("gpt2"))
+    with pytest.raises(AdapterError, match="in parts"):
+        gpt2.add_adapter("x", adapters.IA3Config(feedforward_modules=["c_attn"]))

@@ -81,6 +81,7 @@ class FusedParts(nn.Module):
     ``part(x, y, *args) -> y`` (the signature of the method's per-projection adapter modules)."""
 
     straight = False  # LoRA's straight-line path is for a plain adapter on a whole projection
+    scales_input = False  # nor does IA3 on the input apply to parts
 
     def __init__(self) -> None:
         super().__init__()

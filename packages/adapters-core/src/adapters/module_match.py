@@ -31,6 +31,7 @@ from .method import AdapterLayer
 from .points import ModelPoints, ModulePoint
 
 __all__ = ["ALL_LINEAR", "NamedModule", "uses_target_modules", "select_modules", "pattern_value", "name_matches",
+           "names_match",
            "check_module_fields", "interface_locations"]
 
 #: The ``target_modules`` shorthand for every linear projection inside the Transformer layers.
@@ -68,12 +69,12 @@ def check_module_fields(config: Any) -> None:
     :raises ValueError: a field of the wrong type, an invalid regular expression, a negative layer index
         or a non-positive rank in ``rank_pattern``.
     """
-    for field_name in ("target_modules", "exclude_modules"):
+    for field_name in ("target_modules", "exclude_modules", "feedforward_modules"):
         value = getattr(config, field_name, None)
         if value is None:
             continue
         if isinstance(value, str):
-            if value != ALL_LINEAR or field_name == "exclude_modules":
+            if value != ALL_LINEAR or field_name != "target_modules":
                 _compile(value, field_name)
             continue
         if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) and v for v in value):
@@ -220,10 +221,15 @@ def name_matches_plain(entry: str, names: tuple[str, ...]) -> bool:
     return any(name == entry or name.endswith("." + entry) for name in names)
 
 
-def _excluded(excluded: str | list[str], names: tuple[str, ...]) -> bool:
-    if isinstance(excluded, str):
-        return any(re.fullmatch(excluded, n) for n in names)
-    return any(name_matches_plain(e, names) for e in excluded)
+def names_match(spec: str | list[str], names: tuple[str, ...]) -> bool:
+    """Whether a module with paths ``names`` is named by ``spec``: a list of names (equal or a dotted suffix)
+    or a regular expression matching a whole path (``exclude_modules``, ``feedforward_modules``)."""
+    if isinstance(spec, str):
+        return any(re.fullmatch(spec, n) for n in names)
+    return any(name_matches_plain(e, names) for e in spec)
+
+
+_excluded = names_match
 
 
 def _check_found(wanted: str | list[str], used: set[str], chosen: list[NamedModule], all_names: list[str],

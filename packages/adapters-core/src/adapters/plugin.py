@@ -43,7 +43,7 @@ from .hookspecs import PLUGIN_API_VERSION, hookimpl
 from .interface import AdapterModelInterface
 from .linear import AdapterLinear, FusedParts, Rows, count_rows, is_linear_like, param, row_index
 from .method import ALL_BLOCKS, AdapterConfig, AdapterLayer, AdapterMethod, AttachSite, ConfigUnion
-from .module_match import ALL_LINEAR, check_module_fields, select_modules
+from .module_match import ALL_LINEAR, check_module_fields, names_match, select_modules
 from .plan import (
     IDENTITY,
     AveragePlan,
@@ -79,6 +79,7 @@ __all__ = [
     "layer_indices",
     "local_module_path",
     "match_module",
+    "names_match",
     "module_targets",
     "read_config",
     "read_json",

@@ -37,6 +37,8 @@ class LoRAConfig(AdapterConfig):
         (``embed_tokens``) and the LM head (``lm_head``). ``None``: the interface fields decide.
     :param exclude_modules: names (or a regular expression) taken out of ``target_modules``.
     :param layers_to_transform: only these layer indices (both ways of placing; ``None``: all).
+    :param feedforward_modules: with ``composition_mode="scale"`` (IA3): the targets whose *input* is scaled,
+        ``y = W(l ⊙ x) + b`` (names or a regular expression, as ``target_modules``; PEFT's field of this name).
     :param rank_pattern: per-module ranks, ``{pattern: r}`` (keys match like ``target_modules`` entries, or
         as a regular expression over the end of a path); :param alpha_pattern: per-module ``alpha``.
     """
@@ -63,9 +65,13 @@ class LoRAConfig(AdapterConfig):
     layers_to_transform: list[int] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    feedforward_modules: list[str] | str | None = None
 
     def __post_init__(self) -> None:
         check_module_fields(self)
+        if self.feedforward_modules is not None and (self.composition_mode != "scale" or self.use_gating):
+            raise ValueError("feedforward_modules (IA3 scaling a module's input) needs composition_mode='scale' "
+                             "and no gating.")
         self.leave_out = list(self.leave_out)
         self.attn_matrices = list(self.attn_matrices)
         bad = [m for m in self.attn_matrices if m not in ATTN_MATRICES]

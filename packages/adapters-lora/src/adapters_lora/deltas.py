@@ -20,7 +20,7 @@ from .config import LoRAConfig
 if TYPE_CHECKING:
     from .layer import LoRALinear
 
-__all__ = ["LoRADelta", "MTLLoRADelta", "IA3Scale", "DoRADelta"]
+__all__ = ["LoRADelta", "MTLLoRADelta", "IA3Scale", "IA3InputScale", "DoRADelta"]
 
 
 def _generator(config: LoRAConfig, key: str = "") -> torch.Generator | None:
@@ -89,6 +89,8 @@ class _AdapterBase(nn.Module):
     #: Parameters tied across adapters by ``share_parameters``.
     shareable: tuple[str, ...] = ()
     straight = False
+    #: IA3 on the input (:class:`IA3InputScale`): the layer then calls the base on the scaled input
+    scales_input = False
 
     def __init__(self, config: LoRAConfig, in_features: int, out_rows: int, rows: Rows,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -221,6 +223,29 @@ class IA3Scale(_AdapterBase):
         if self.row_index is None:
             return y * scale
         return y.index_copy(-1, self.row_index, y.index_select(-1, self.row_index) * scale)
+
+
+class IA3InputScale(_AdapterBase):
+    """IA3 on a projection's input (PEFT's ``feedforward_modules``): ``W(l ⊙ x) + b``; ``l`` (``in_features``)
+    starts at ones. As a leaf it adds ``W((l − 1) ⊙ x)`` to what it is given, so it composes additively with
+    other adapters; alone, :class:`~.layer.LoRALinear` calls the base on ``l ⊙ x`` (one GEMM)."""
+
+    shareable = ("input_scale",)
+    scales_input = True
+
+    def __init__(self, config: LoRAConfig, in_features: int, out_rows: int, dtype: torch.dtype, device: torch.device,
+                 key: str = "") -> None:
+        super().__init__(config, in_features, out_rows, None, dtype, device)
+        init = torch.ones(in_features)
+        if config.init_weights in ("bert", "gaussian"):
+            init = init + torch.empty(in_features).normal_(0.0, 0.02, generator=_generator(config, key))
+        self.input_scale = nn.Parameter(init.to(dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: LoRALinear, owned: bool = False) -> torch.Tensor:
+        delta = layer.base_forward(x * (self.input_scale.to(x.dtype) - 1))
+        if layer.bias is not None:
+            delta = delta - layer.bias.to(delta.dtype)
+        return y + delta
 
 
 class DoRADelta(LoRADelta):

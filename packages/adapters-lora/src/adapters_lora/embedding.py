@@ -47,6 +47,7 @@ class EmbeddingDelta(nn.Module):
 
     shareable = ("lora_A", "lora_B")
     straight = False
+    scales_input = False
     gate = None
     rows = None
 

@@ -28,7 +28,7 @@ from adapters.plugin import (
 )
 
 from .config import LoRAConfig
-from .deltas import DoRADelta, IA3Scale, LoRADelta, MTLLoRADelta
+from .deltas import DoRADelta, IA3InputScale, IA3Scale, LoRADelta, MTLLoRADelta
 
 __all__ = ["LoRALinear", "LoRADelta", "MTLLoRADelta", "IA3Scale", "DoRADelta", "FusedParts"]
 
@@ -51,6 +51,8 @@ class LoRALinear(AdapterLinear):
             return self.base_forward(x)
         if type(plan) is Leaf:
             module = self._modules["adapters"]._modules[plan.name]
+            if module.scales_input:  # IA3 on the input, alone: the base on l ⊙ x
+                return self.base_forward(x * module.input_scale.to(x.dtype))
             # a lone plain LoRA adapter on a float nn.Linear: the straight-line path (the in-place update
             # is not autocast-aware: under autocast the general path runs; a quantized base is called)
             if module.straight and not torch.is_autocast_enabled(x.device.type):
@@ -82,8 +84,13 @@ class LoRALinear(AdapterLinear):
         self.adapters[name] = self._build(config, site, None, "")
 
     def add_fused_or_plain(self, name: str, config: LoRAConfig, site: AttachSite, rows: Rows,
-                           which: str | None) -> None:
-        """Add adapter ``name``; for a fused projection, its part for matrix ``which`` on output ``rows``."""
+                           which: str | None, scales_input: bool = False) -> None:
+        """Add adapter ``name``; for a fused projection, its part for matrix ``which`` on output ``rows``.
+        ``scales_input``: IA3 on the projection's input (a whole projection only)."""
+        if scales_input:
+            self.adapters[name] = IA3InputScale(config, self.in_features, self.out_features,
+                                                self.adapter_dtype(site, config), self.weight.device, self.location)
+            return
         if which is None:
             self.add_adapter(name, config, site)
             return
@@ -216,6 +223,10 @@ class LoRALinear(AdapterLinear):
         if self.is_merged and (dora or self.__dict__.get("_merged_dora")):
             raise AdapterError(f"Cannot merge '{name}' at {self.location}: DoRA normalises by the weight it is merged "
                                "into, so a DoRA adapter merges only alone. Call reset_adapter() first.")
+        if self.is_merged and any(unit.scales_input for unit in self.units(name).values()):
+            raise AdapterError(f"Cannot merge '{name}' at {self.location} onto another merge: IA3 on the input "
+                               "scales the base weight's columns, which equals the unmerged Stack only when it is "
+                               "merged first. Call reset_adapter() and merge it first.")
         first = not self.is_merged
         self.begin_merge()
         try:
@@ -242,7 +253,9 @@ class LoRALinear(AdapterLinear):
         index = row_index(rows, self.out_features, self.weight.device)
         with torch.no_grad():
             w = self.weight_rows(rows).float()
-            if isinstance(module, IA3Scale):
+            if isinstance(module, IA3InputScale):
+                new_w = w * module.input_scale.float().unsqueeze(0)
+            elif isinstance(module, IA3Scale):
                 new_w = w * module.lora_B.float().unsqueeze(1)
                 if self.bias is not None:
                     self.bias.index_copy_(0, index, (self.bias_rows(rows).float() * module.lora_B.float())

@@ -14,6 +14,7 @@ from adapters.plugin import (
     ModelPoints,
     check_linear_placement,
     linear_targets,
+    names_match,
     target_config,
 )
 
@@ -52,12 +53,27 @@ class LoRAMethod(AdapterMethod):
         """Every projection (part) and embedding table the config adapts, in a fixed order; changes nothing."""
         return linear_targets(points, config, "LoRA", LoRALinear, LoRAEmbedding)
 
+    @staticmethod
+    def scales_input(config: LoRAConfig, target: LinearTarget) -> bool:
+        """Whether IA3 scales this target's input (``feedforward_modules`` names it)."""
+        return config.feedforward_modules is not None and names_match(config.feedforward_modules, target.names)
+
     def validate(self, config: LoRAConfig, points: ModelPoints) -> None:
         check_linear_placement(config, points, "LoRA")
+        inputs = 0
         for target in self.targets(points, config):  # every target must be a linear projection or an embedding
             if target.kind == "embedding":
                 check_embedding_config(config, target.point.path)
             target_config(config, target)  # rank / alpha patterns give valid configs
+            if self.scales_input(config, target):
+                inputs += 1
+                if target.which is not None or target.kind != "linear":
+                    raise AdapterError(f"feedforward_modules names '{target.point.path}', which this config adapts "
+                                       "in parts (a fused q|k|v) or as an embedding; IA3 scales whole projections' "
+                                       "inputs only.")
+        if config.feedforward_modules is not None and not inputs:
+            raise AdapterError(f"feedforward_modules={config.feedforward_modules!r} names none of the adapted "
+                               "modules.")
 
     def share_parameters(self, state: AdapterState, adapter_names: list[str], name: str,
                          reference: str | None) -> None:
@@ -108,6 +124,7 @@ class LoRAMethod(AdapterMethod):
             else:
                 layer = site.replace(point, LoRALinear,
                                      lambda original, p=point, f=fused: LoRALinear(original, p.location, f))
-                layer.add_fused_or_plain(name, own, site, target.rows, target.which)
+                layer.add_fused_or_plain(name, own, site, target.rows, target.which,
+                                         self.scales_input(config, target))
             for alias in target.aliases:
                 site.alias(alias, layer)

@@ -5,7 +5,8 @@ Every shape PEFT writes for these types reads as one native adapter placed by ``
 any linear module (``"all-linear"`` adapters: gate/up/down included; fused projections like GPT-2 ``c_attn``
 whole), on input embeddings (``lora_embedding_A`` / ``lora_embedding_B``) and on the LM head; per-module
 ranks and alphas (``rank_pattern`` / ``alpha_pattern``, or ranks that differ in the tensors); task heads
-and trained embeddings as ``modules_to_save``; IA3 scaling outputs (``ia3_l`` of shape ``out × 1``).
+and trained embeddings as ``modules_to_save``; IA3 scaling outputs (``ia3_l`` of shape ``out × 1``) and
+inputs (``feedforward_modules``: ``ia3_l`` of shape ``1 × in``).
 The mapping comes from the weight keys (``target_modules`` patterns are not re-interpreted), so every
 spelling of the targets reads alike; modules this model lacks and options whose effect we do not
 reproduce raise a :class:`~adapters.errors.CheckpointError` naming them.
@@ -167,12 +168,6 @@ def read_peft(directory: str) -> LoadedCheckpoint | None:
     modules, embeddings, whole = _split(weights_path, read_tensors(weights_path), cfg.get("modules_to_save") or [], ia3)
     use_dora = bool(cfg.get("use_dora", False))
     _check_shapes(weights_path, modules, embeddings, use_dora, ia3)
-    if ia3:
-        inputs = [p for p, parts in modules.items() if parts["lora_B"].shape[0] == 1 and parts["lora_B"].dim() == 2
-                  and parts["lora_B"].shape[1] != 1]
-        if inputs:
-            raise CheckpointError(f"{weights_path}: IA3 vectors scaling a module's input (feedforward_modules: "
-                                  f"{inputs[:3]}) are not supported; only output scaling is.")
     name = default_name(directory)
 
     def resolve(model: nn.Module) -> LoadedCheckpoint:
@@ -215,8 +210,11 @@ def _resolve(model: nn.Module, cfg: dict[str, Any], modules: dict[str, dict[str,
         raise CheckpointError(f"{weights_path}: adapter weights for modules this model ({type(model).__name__}) does "
                               f"not have: {unknown[:4]}{' ...' if len(unknown) > 4 else ''}.")
     targets = sorted(set(local.values()))
-    if ia3:
-        config: LoRAConfig = IA3Config(target_modules=targets)
+    inputs = {p for p, parts in modules.items() if ia3 and tuple(parts["lora_B"].shape)[:1] == (1,)
+              and parts["lora_B"].dim() == 2 and parts["lora_B"].shape[1] != 1}
+    if ia3:  # an ia3_l of shape (1, in) scales the module's input (PEFT's feedforward_modules)
+        config: LoRAConfig = IA3Config(target_modules=targets,
+                                       feedforward_modules=sorted(local[p] for p in inputs) or None)
     else:
         ranks = {path: parts["lora_A"].shape[0] for path, parts in modules.items()}
         alpha = cfg.get("lora_alpha", 8)
@@ -236,6 +234,7 @@ def _resolve(model: nn.Module, cfg: dict[str, Any], modules: dict[str, dict[str,
     for path, parts in modules.items():
         location = locations[local[path]]
         for key, tensor in parts.items():
+            key = "input_scale" if path in inputs else key
             tensors[f"{location}.{key}"] = tensor.reshape(-1) if ia3 else tensor
     return LoadedCheckpoint(name=name, config=config, tensors=tensors,
                             meta={"format": "PEFT", "name": name, "model_type": None}, source=weights_path)
@@ -289,13 +288,18 @@ def save_peft(model: nn.Module, directory: str, name: str) -> None:
     ranks: dict[str, int] = {}
     scalings: dict[str, float] = {}
     adapted: list[str] = []
+    inputs: list[str] = []
     for layer in state.layers(name):
         path = task_model_path(model, paths[id(layer)])
         adapted.append(path)
         params = {k: v.detach().clone().contiguous() for k, v in layer.adapter_state_dict(name).items()}
         embedding = type(layer).__name__ == "LoRAEmbedding"
         if ia3:
-            out[f"{PREFIX}{path}.ia3_l"] = params["lora_B"].reshape(-1, 1)
+            if "input_scale" in params:  # IA3 on the input: PEFT's feedforward_modules, ia3_l of shape (1, in)
+                out[f"{PREFIX}{path}.ia3_l"] = params["input_scale"].reshape(1, -1)
+                inputs.append(path)
+            else:
+                out[f"{PREFIX}{path}.ia3_l"] = params["lora_B"].reshape(-1, 1)
             continue
         if any(k.startswith("parts.") for k in params):
             tensors = _fused_tensors(layer, params, config.use_dora)
@@ -317,6 +321,8 @@ def save_peft(model: nn.Module, directory: str, name: str) -> None:
     for key, tensor in whole.items():
         out[PREFIX + task_model_path(model, key)] = tensor
     peft_config = _peft_config(model, config, ia3, sorted(adapted), ranks, scalings, whole)
+    if ia3:
+        peft_config["feedforward_modules"] = sorted(inputs)
     os.makedirs(directory, exist_ok=True)
     save_file(out, os.path.join(directory, PEFT_WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as fh:
