@@ -44,6 +44,7 @@ __all__ = [
     "snapshot",
     "restore",
     "requantize",
+    "keep_training_kernels",
     "prepare_model_for_kbit_training",
 ]
 
@@ -125,7 +126,9 @@ def compute_dtype(module: nn.Module, kind: str) -> torch.dtype | None:
 def adapter_dtype_at(site: Any, module: nn.Module, config: Any = None) -> torch.dtype:
     """The dtype of new adapter weights placed at or around ``module`` (an :class:`~adapters.plugin.AttachSite`
     and its config): ``config.dtype`` if set; for a quantized module (or an adapter layer wrapping one) its
-    compute dtype (:func:`compute_dtype`), else the dtype of the model's float weights; otherwise what
+    compute dtype (:func:`compute_dtype`), else the dtype of the model's float weights, with float16
+    raised to float32 (trainable weights under fp16 mixed precision must be float32: ``GradScaler``
+    refuses float16 gradients, and float16 weights lose small updates); otherwise what
     ``site.dtype_for(module, config)`` says (its first float parameter)."""
     kind, base = quantization_kind(module), module
     if kind is None and getattr(module, "quantization", None) is not None:  # an AdapterLinear around one
@@ -133,6 +136,8 @@ def adapter_dtype_at(site: Any, module: nn.Module, config: Any = None) -> torch.
     if kind is None:
         return site.dtype_for(module, config)
     dtype = compute_dtype(base, kind) or site.dtype_for(site.model)
+    if dtype == torch.float16:
+        dtype = torch.float32
     return site.dtype_for(torch.empty(0, dtype=dtype), config)
 
 
@@ -258,31 +263,52 @@ def requantize(module: nn.Module, kind: str, weight: torch.Tensor) -> None:
     raise AdapterError(f"Cannot re-quantize a {kind} quantized weight.")
 
 
-_NORMS = tuple(c for c in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if c is not None)
+def keep_training_kernels(model: nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit weights in the layout its training kernels use (called by
+    :func:`prepare_model_for_kbit_training` and ``train_adapter``).
 
-
-def _is_norm(module: nn.Module) -> bool:
-    """A normalization module: torch's, or a model's own (``Qwen3RMSNorm``, ``T5LayerNorm``)."""
-    return isinstance(module, _NORMS) or type(module).__name__.endswith("Norm")
+    On a CPU with AVX512-BF16, an eval-mode forward without gradients repacks a ``Linear4bit`` weight for
+    bitsandbytes' CPU inference kernel, which records no autograd graph: every later training forward then
+    cuts the gradient silently (measured: all adapter gradients ``None``). The repacking is switched off
+    here for the model's 4-bit modules, and a weight repacked already is unpacked the way bitsandbytes
+    unpacks it before saving (its block scales stay rounded to bfloat16). No-op without bitsandbytes.
+    """
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    if bnb_nn is None:
+        return
+    for module in model.modules():
+        if not isinstance(module, bnb_nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            unpack = getattr(_library("bitsandbytes.functional"), "_convert_weight_packed_for_cpu_inverse", None)
+            if unpack is None:
+                raise AdapterError("bitsandbytes repacked this model's 4-bit weights for CPU inference (an "
+                                   "eval-mode forward), which computes no gradients, and this bitsandbytes version "
+                                   "cannot undo it: reload the model before training.")
+            weight.data, weight.quant_state = unpack(weight.data, weight.quant_state)
+            module.quant_state = weight.quant_state
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
-                                    float32_norms: bool | None = None) -> nn.Module:
+                                    gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Get a quantized (or any) model ready for adapter training; returns ``model`` (changed in place).
 
     1. Every base parameter is frozen (adapters of an ``adapters.init`` model keep their state:
        ``train_adapter`` decides those).
-    2. Normalization weights are cast to float32 only where precision needs it: by default
-       (``float32_norms=None``) when the model's float weights are float16, whose range overflows in
-       the residual stream (float32 norm weights make the hidden states float32). bfloat16 and float32
-       models are left as they are; embeddings and the LM head are never cast (measured in
-       ``benchmarks/qlora.py --casts``: each cast costs memory and time and bought no accuracy in
-       bfloat16).
-    3. With ``use_gradient_checkpointing``: activation checkpointing of the Transformer layers, non-reentrant
+    2. Nothing is cast. Float32 is used only where precision needs it, and that is the trainable weights
+       under float16: adapters on a quantized base computing in float16 are made float32 when added
+       (:func:`adapter_dtype_at`), so fp16 mixed precision (``GradScaler``) works. Embeddings, norms and
+       the LM head keep their dtype: casting them costs memory and step time and bought no accuracy in
+       bfloat16 (``benchmarks/qlora.py --casts``); a float32 norm in front of a bfloat16 (tied) LM head
+       would not even run.
+    3. bitsandbytes' 4-bit weights keep their training layout on CPU (:func:`keep_training_kernels`).
+    4. With ``use_gradient_checkpointing``: activation checkpointing of the Transformer layers, non-reentrant
        by default (``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint``), and the KV cache off
        for training. Only reentrant checkpointing (``{"use_reentrant": True}``) needs the input embeddings'
-       output to require gradients, so only then is that hook installed.
+       output to require gradients, so only then is that hook kept (transformers installs it whenever
+       checkpointing is enabled; with the non-reentrant default it is removed again).
 
     :raises ImportError: the model was quantized with bitsandbytes or torchao and that library is missing
         (the message names the extra: ``pip install 'adapters-core[bnb]'``).
@@ -295,17 +321,10 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         _library(str(method))
     state = getattr(model, "_adapters_state", None)
     owned = state.owned_parameter_ids() if state is not None else set()
-    floats = [p for p in model.parameters() if id(p) not in owned and not is_quantized_tensor(p)]
-    for p in floats:
-        p.requires_grad_(False)
-    if float32_norms is None:
-        float32_norms = any(p.dtype == torch.float16 for p in floats)
-    if float32_norms:
-        for module in model.modules():
-            if _is_norm(module):
-                for p in module.parameters(recurse=False):
-                    if p.dtype in (torch.float16, torch.bfloat16):
-                        p.data = p.data.float()
+    for p in model.parameters():
+        if id(p) not in owned:
+            p.requires_grad_(False)
+    keep_training_kernels(model)
     if use_gradient_checkpointing:
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         enable = getattr(model, "activation_checkpointing_enable", None)
@@ -315,6 +334,10 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if kwargs["use_reentrant"]:
             model.enable_input_require_grads()
+        elif hasattr(model, "disable_input_require_grads"):
+            # transformers makes the embeddings' output require grad whenever checkpointing is enabled; the
+            # non-reentrant checkpoint does not need it, and it costs the input gradient of the first layer
+            model.disable_input_require_grads()
         if config is not None and getattr(config, "use_cache", None):
             config.use_cache = False
     return model

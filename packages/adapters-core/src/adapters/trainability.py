@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .quantized import is_quantized_tensor
+from .quantized import is_quantized_tensor, keep_training_kernels
 from .state import TrainingSetup
 
 __all__ = ["set_trainable", "freeze_base", "unique_parameters", "head_parameters", "output_embedding_parameters"]
@@ -32,6 +32,7 @@ def set_trainable(self: nn.Module, adapter_names: set[str], fusion_names: set[st
     if train_embeddings and state.points.embeddings is not None:
         for p in state.points.embeddings.module.parameters():
             p.requires_grad_(not is_quantized_tensor(p))
+    keep_training_kernels(self)  # bitsandbytes' CPU inference layout of 4-bit weights computes no gradients
     state.training = TrainingSetup(frozenset(adapter_names), frozenset(fusion_names), bool(train_embeddings))
 
 
