@@ -253,6 +253,10 @@ def test_float16_bases_get_float32_adapters_for_the_grad_scaler(checkpoint, bits
         assert {p.dtype for p in params} == {torch.float32}
         scaler.step(optimizer)
         scaler.update()
+    hooked = adapters.init(load(checkpoint, bits, compute=torch.float16, dtype=torch.float16))
+    for other in ("loreft", "seq_bn"):  # the methods that hook modules follow the same rule
+        hooked.add_adapter(other, config=other)
+        assert {p.dtype for p in hooked._adapters_state.adapter_parameters(other)} == {torch.float32}, other
 
 
 def test_prepare_model_for_kbit_training(checkpoint):
@@ -339,24 +343,33 @@ def test_torchao_int8_weight_only(tmp_path, method):
 
 
 def test_cpu_inference_layout_then_training(checkpoint):
-    """bitsandbytes repacks 4-bit weights for its CPU inference kernel at an eval-mode forward (on CPUs with
-    AVX512-BF16); DoRA then dequantizes the repacked weights, and ``train_adapter`` restores the training
-    layout, without which no gradient would flow."""
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel at an eval-mode forward (on CPUs with
+    AVX512-BF16), after which it computes no gradients. Adapter layers undo and prevent that for the
+    projections they wrap, ``train_adapter`` for all; a repacked weight still dequantizes."""
     from bitsandbytes.functional import has_avx512bf16
+    from bitsandbytes.nn import Linear4bit
 
-    model = adapters.init(load(checkpoint, 4))
+    def packed(model) -> list[bool]:
+        return [getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                for m in model.modules() if isinstance(m, Linear4bit)]
+
+    model = load(checkpoint, 4)
     inputs = tiny_inputs(model)
-    model.add_adapter("x", config="dora")
+    logits(model.eval(), inputs)
+    assert set(packed(model)) == {bool(has_avx512bf16())}
+    k_proj = model.model.layers[0].self_attn.k_proj
+    x = torch.randn(3, k_proj.in_features)
+    with torch.no_grad():  # the repacked layout dequantizes through the layer's own kernel
+        torch.testing.assert_close(x @ dequantize(k_proj, "bnb-4bit").t(), k_proj(x), rtol=0, atol=1e-2)
+    adapters.init(model)
+    model.add_adapter("x", config="dora")  # q and v: wrapped, unpacked, never repacked
     perturb(model, "x")
     model.set_active_adapters("x")
-    reference = logits(model, inputs)
-    model.eval()
     evaluated = logits(model, inputs)
-    packed = [getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized_layers(model)]
-    assert all(packed) == bool(has_avx512bf16()) and len(set(packed)) == 1
-    torch.testing.assert_close(evaluated, reference, rtol=0, atol=0.05)  # block scales rounded to bf16
+    assert not any(packed(model.model.layers[0].self_attn.q_proj))
     model.train_adapter("x")
-    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized_layers(model))
+    assert not any(packed(model))
+    torch.testing.assert_close(logits(model, inputs), evaluated, rtol=0, atol=0.05)  # scales were rounded to bf16
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
     grads = [p.grad for p in model._adapters_state.adapter_parameters("x")]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)

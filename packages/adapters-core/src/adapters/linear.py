@@ -156,6 +156,8 @@ class AdapterLinear(AdapterLayer):
             self.weight = base.weight
             self.bias = base.bias
         else:
+            if kind == quantized.BNB_4BIT:  # never bitsandbytes' CPU inference layout: it computes no gradients
+                quantized.keep_training_kernels(base)
             self.base_layer = base
         self.fused = fused
         self._backup: Any = None

@@ -123,16 +123,25 @@ def compute_dtype(module: nn.Module, kind: str) -> torch.dtype | None:
     return bias.dtype if bias is not None else None
 
 
+def _find_quantized(module: nn.Module) -> tuple[str | None, nn.Module]:
+    """The first quantized projection in ``module`` (itself, the one an adapter layer wraps, or a submodule)."""
+    for sub in module.modules():
+        kind = quantization_kind(sub)
+        if kind is None and getattr(sub, "quantization", None) is not None:  # an AdapterLinear around one
+            kind, sub = sub.quantization, sub._modules["base_layer"]
+        if kind is not None:
+            return kind, sub
+    return None, module
+
+
 def adapter_dtype_at(site: Any, module: nn.Module, config: Any = None) -> torch.dtype:
-    """The dtype of new adapter weights placed at or around ``module`` (an :class:`~adapters.plugin.AttachSite`
-    and its config): ``config.dtype`` if set; for a quantized module (or an adapter layer wrapping one) its
-    compute dtype (:func:`compute_dtype`), else the dtype of the model's float weights, with float16
-    raised to float32 (trainable weights under fp16 mixed precision must be float32: ``GradScaler``
-    refuses float16 gradients, and float16 weights lose small updates); otherwise what
-    ``site.dtype_for(module, config)`` says (its first float parameter)."""
-    kind, base = quantization_kind(module), module
-    if kind is None and getattr(module, "quantization", None) is not None:  # an AdapterLinear around one
-        kind, base = module.quantization, module._modules["base_layer"]
+    """The dtype of new adapter weights placed at or around ``module`` (a projection, a Transformer layer)
+    through an :class:`~adapters.plugin.AttachSite`: ``config.dtype`` if set; where ``module`` is or holds
+    a quantized projection, its compute dtype (:func:`compute_dtype`), else the dtype of the model's
+    float weights, with float16 raised to float32 (trainable weights under fp16 mixed precision must be
+    float32: ``GradScaler`` refuses float16 gradients, and float16 weights lose small updates); otherwise
+    what ``site.dtype_for(module, config)`` says (the module's first float parameter)."""
+    kind, base = _find_quantized(module)
     if kind is None:
         return site.dtype_for(module, config)
     dtype = compute_dtype(base, kind) or site.dtype_for(site.model)
@@ -158,7 +167,7 @@ def dequantize(module: nn.Module, kind: str) -> torch.Tensor:
             state = weight.quant_state
             if getattr(state, "packing_format_for_cpu", False):
                 eye = torch.eye(module.in_features, dtype=state.dtype, device=weight.device)
-                return functional.gemv_4bit(eye, weight.data, state=state).t()
+                return functional.gemv_4bit(eye, weight.data, state=state).t().to(state.original_dtype)
             return functional.dequantize_4bit(weight.data, state)
         if kind == BNB_8BIT:
             weight = module.weight
@@ -265,7 +274,8 @@ def requantize(module: nn.Module, kind: str, weight: torch.Tensor) -> None:
 
 def keep_training_kernels(model: nn.Module) -> None:
     """Keep bitsandbytes' 4-bit weights in the layout its training kernels use (called by
-    :func:`prepare_model_for_kbit_training` and ``train_adapter``).
+    :func:`prepare_model_for_kbit_training`, ``train_adapter`` and for every 4-bit projection an adapter
+    layer wraps, so a model computes alike in training and eval mode).
 
     On a CPU with AVX512-BF16, an eval-mode forward without gradients repacks a ``Linear4bit`` weight for
     bitsandbytes' CPU inference kernel, which records no autograd graph: every later training forward then

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.plugin import AdapterError, AdapterLayer, AttachSite, Leaf, StackPlan, current_context
+from adapters.plugin import AdapterError, AdapterLayer, AttachSite, Leaf, StackPlan, adapter_dtype_at, current_context
 
 from .config import ReftConfig
 
@@ -311,8 +311,10 @@ class ReftLayer(AdapterLayer):
         return self.adapters[name](h, order, lengths)
 
     def add_adapter(self, name: str, config: ReftConfig, site: AttachSite) -> None:
-        """Create adapter ``name`` (weights in the base model's dtype unless ``config.dtype``)."""
-        dtype = site.dtype_for(torch.empty(0, dtype=self.base_dtype), config)
+        """Create adapter ``name`` (weights in the base model's dtype unless ``config.dtype``; on a quantized
+        model its compute dtype, float32 for float16)."""
+        owner = site.points.layers[int(self.location.split(".")[1])].module.module  # the Transformer layer
+        dtype = adapter_dtype_at(site, owner, config)
         unit = ReftUnit(self.hidden, config, dtype, self.device)
         unit.train(self.training)  # follow the model's mode (eval: no dropout)
         self.adapters[name] = unit
