@@ -29,6 +29,7 @@ from adapters.plugins import registry
 from adapters.testing.conformance import check_call_state, check_lifecycle, check_training
 
 METHODS = ["lora", "ia3", "dora", "seq_bn", "par_bn", "double_seq_bn", "loreft", "vera",
+           "prompt_tuning", "prefix_tuning", "prefix_tuning_flat",
            # placed by module names instead of the interface (every linear inside the layers)
            "lora[target_modules='all-linear']", "vera[target_modules='all-linear', r=8]"]
 #: LoRA on the input embeddings and one projection by regular expression, on models whose embedding table

@@ -69,6 +69,8 @@ FIRST_PARTY_NAMES: dict[str, tuple[str, ...]] = {
     "adapters-reft": ("reft", "loreft", "noreft", "direft", "ReftConfig", "LoReftConfig", "NoReftConfig",
                       "DiReftConfig"),
     "adapters-vera": ("vera", "VeraConfig"),
+    "adapters-prompt": ("prompt_tuning", "prefix_tuning", "prefix_tuning_flat", "PromptTuningConfig",
+                        "PrefixTuningConfig"),
 }
 
 

@@ -1,0 +1,153 @@
+"""Prefix tuning: keys / values in front of every attention's, across architectures, with and without a cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adapters
+from adapters import AdapterError
+from adapters.testing import tiny_inputs, tiny_model
+
+P = 3
+CONFIG = f"prefix_tuning[prefix_length={P}, bottleneck_size=8]"
+
+
+def _prefilled(model, name: str, batch: int):
+    """A transformers cache holding adapter ``name``'s prefix of every layer as ``P`` past tokens."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i, layer in enumerate(model._adapters_state.layers(name)):
+        kv = layer.adapters[name].kv().detach()
+        cache.update(kv[0].unsqueeze(0).expand(batch, -1, -1, -1), kv[1].unsqueeze(0).expand(batch, -1, -1, -1), i)
+    return cache
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2", "phi3"])
+@pytest.mark.parametrize("offset", [False, True])
+def test_decoder_equals_the_base_model_reading_the_prefix_from_its_cache(arch, offset, helpers):
+    """Independent reference: the frozen base model whose cache already holds the prefixes as ``P`` past
+    tokens (grouped-query attention on qwen3 / phi3). Tokens keep positions ``0..T-1`` unless
+    ``offset_positions`` (then ``P..``, peft's convention)."""
+    model = helpers.prepared(arch, "base", CONFIG[:-1] + f", offset_positions={offset}]")
+    inputs = tiny_inputs(model)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        out = model(**inputs).last_hidden_state
+        pos = None if offset else torch.arange(ids.shape[1]).unsqueeze(0)
+        with adapters.AdapterSetup(None):
+            base = model(**inputs).last_hidden_state
+            ref = model(input_ids=ids, attention_mask=torch.cat([torch.ones(2, P, dtype=mask.dtype), mask], 1),
+                        position_ids=pos, cache=_prefilled(model, "p", 2)).last_hidden_state
+    assert out.shape == base.shape and not torch.allclose(out, base, atol=1e-3)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_sdpa_without_a_mask_equals_eager(arch, helpers):
+    """sdpa's causal shortcut (no mask) would hide the tokens behind the prefix: an explicit mask is built."""
+    eager = helpers.prepared(arch, "base", CONFIG)
+    sdpa = helpers.prepared(arch, "base", CONFIG, attn_implementation="sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    ids = tiny_inputs(eager)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(input_ids=ids).last_hidden_state, eager(input_ids=ids).last_hidden_state,
+                                   rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2", "gpt_neox", "opt", "t5", "bart"])
+def test_generate_with_cache_equals_without(arch, helpers):
+    model = helpers.prepared(arch, "causal_lm", CONFIG)
+    full = tiny_inputs(model, batch=2, seq=6)["input_ids"]
+    ids, mask = helpers.padded(full, [4, 6], pad=model.config.pad_token_id or 0, side="left")
+    cached = helpers.generate_logits(model, ids, mask, use_cache=True)
+    torch.testing.assert_close(cached, helpers.generate_logits(model, ids, mask, use_cache=False), rtol=0, atol=1e-4)
+    model.set_active_adapters(None)
+    assert not torch.allclose(helpers.generate_logits(model, ids, mask, use_cache=True), cached, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["bert", "t5", "bart"])
+def test_encoders_and_encoder_decoders_change_only_where_prefixes_are(arch, helpers):
+    """Self-attention of encoders, and (encoder-decoder) encoder, decoder and cross-attention each get a pool."""
+    model = helpers.prepared(arch, "base", CONFIG)
+    pools = set(model._adapters_state.shared_modules("p"))
+    expected = {"prefix_self"} if arch == "bert" else {"prefix_encoder", "prefix_self", "prefix_cross"}
+    assert pools == expected
+    inputs = tiny_inputs(model)
+    with torch.no_grad():
+        out = model(**inputs)[0]
+        with adapters.AdapterSetup(None):
+            base = model(**inputs)[0]
+    assert out.shape == base.shape and not torch.allclose(out, base, atol=1e-4)
+    if arch != "bert":
+        only_cross = helpers.prepared(arch, "base", CONFIG[:-1] + ", encoder_prefix=False]", name="c")
+        assert set(only_cross._adapters_state.shared_modules("c")) == {"prefix_self", "prefix_cross"}
+
+
+def test_bert_padding_keeps_rows_independent(helpers):
+    model = helpers.prepared("bert", "base", CONFIG)
+    full = tiny_inputs(model, batch=2, seq=7)["input_ids"]
+    ids, mask = helpers.padded(full, [4, 7], pad=0, side="right")
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        alone = model(input_ids=full[:1, :4]).last_hidden_state
+    torch.testing.assert_close(out[0, :4], alone[0], rtol=0, atol=1e-5)
+
+
+def test_eject_keeps_the_function_and_saves_flat(helpers, tmp_path):
+    from adapters_prompt import eject_prefix
+    from adapters_prompt.prefix import PrefixFlat, PrefixMLP
+
+    model = helpers.prepared("qwen3", "base", CONFIG)
+    inputs = tiny_inputs(model)
+    assert isinstance(model._adapters_state.shared_modules("p")["prefix_self"], PrefixMLP)
+    with torch.no_grad():
+        before = model(**inputs).last_hidden_state
+    model.train_adapter("p")
+    eject_prefix(model, "p")
+    model.eval()
+    assert isinstance(model._adapters_state.shared_modules("p")["prefix_self"], PrefixFlat)
+    assert model.adapters_config["p"].flat is True
+    assert all(p.requires_grad for p in model._adapters_state.adapter_parameters("p"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).last_hidden_state, before, rtol=0, atol=1e-6)
+    model.save_adapter(str(tmp_path), "p")
+    fresh = adapters.init(tiny_model("qwen3", "base"))
+    fresh.load_adapter(str(tmp_path), set_active=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).last_hidden_state, model(**inputs).last_hidden_state)
+    summary = {r["name"]: r["#params"] for r in model.adapter_summary(as_dict=True)}
+    assert summary["p"] == 2 * P * 2 * 2 * 8  # layers × P × (keys, values) × 2 kv heads × head dim 8
+
+
+def test_gating_scales_keys_and_values_by_the_input(helpers):
+    model = helpers.prepared("bert", "base", CONFIG[:-1] + ", use_gating=True, shared_gating=False]", std=0.0)
+    unit = model._adapters_state.layers("p")[0].adapters["p"]
+    assert unit.gate.out_features == 2
+    hidden = torch.randn(2, 5, 32)
+    kv = model._adapters_state.layers("p")[0].leaf("p", (hidden,))
+    gate = torch.sigmoid(unit.gate(hidden)).mean(1)
+    torch.testing.assert_close(kv[:, 0], unit.kv()[0].unsqueeze(0) * gate[:, 0].view(2, 1, 1, 1))
+    torch.testing.assert_close(kv[:, 1], unit.kv()[1].unsqueeze(0) * gate[:, 1].view(2, 1, 1, 1))
+
+
+def test_leave_out_and_lengths(helpers):
+    model = helpers.prepared("llama", "base", CONFIG[:-1] + ", leave_out=[0]]")
+    assert [layer.location for layer in model._adapters_state.layers("p")] == ["layers.1.self_attn.prefix_tuning"]
+    assert model._adapters_state.shared_modules("p")["prefix_self"].layers == 1
+
+
+@pytest.mark.parametrize(("arch", "config", "match"), [
+    ("modernbert", CONFIG, "takes no cache argument"),
+    ("distilbert", CONFIG, "takes no cache argument"),
+    ("t5", CONFIG[:-1] + ", leave_out=[1]]", "share one position bias"),
+    ("t5", CONFIG[:-1] + ", offset_positions=True]", "offset_positions"),
+    ("qwen3", CONFIG[:-1] + ", leave_out=[7]]", "out of range"),
+])
+def test_refusals_leave_the_model_unchanged(arch, config, match):
+    model = adapters.init(tiny_model(arch, "base"))
+    keys = list(model.state_dict())
+    with pytest.raises(AdapterError, match=match):
+        model.add_adapter("p", config=config)
+    assert list(model.state_dict()) == keys and not model.adapters_config
