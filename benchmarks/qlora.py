@@ -33,6 +33,7 @@ Usage::
     python benchmarks/qlora.py --tiny                          # CPU smoke test: tiny shapes, seconds
     python benchmarks/qlora.py --device cuda                   # 0.6B and 4B shapes, checkpointing on and off
     python benchmarks/qlora.py --device cuda --models 4b --checkpointing on
+    python benchmarks/qlora.py --device cuda --variants ours_fp32_adapters peft_bf16_adapters   # same adapter dtypes
     python benchmarks/qlora.py --casts --size small            # cast costs on CPU (--device cuda: on GPU)
 
 Results go to ``benchmarks/results/qlora-<device>-<what>.json`` and ``.md``.
@@ -124,7 +125,8 @@ def apply_cast(model: torch.nn.Module, cast: str) -> None:
             p.data = p.data.float()
 
 
-def setup_ours(model: torch.nn.Module, checkpointing: bool, rank: int, cast: str = "none") -> torch.nn.Module:
+def setup_ours(model: torch.nn.Module, checkpointing: bool, rank: int, cast: str = "none",
+               adapter_dtype: str | None = None) -> torch.nn.Module:
     import adapters
     from adapters import LoRAConfig
 
@@ -132,21 +134,33 @@ def setup_ours(model: torch.nn.Module, checkpointing: bool, rank: int, cast: str
     apply_cast(model, cast)
     adapters.init(model)
     model.add_adapter("qlora", config=LoRAConfig(r=rank, alpha=2 * rank, target_modules="all-linear",
-                                                 init_weights_seed=0))
+                                                 init_weights_seed=0, dtype=adapter_dtype))
     model.train_adapter("qlora")
     return model
 
 
-def setup_peft(model: torch.nn.Module, checkpointing: bool, rank: int) -> torch.nn.Module:
+def setup_peft(model: torch.nn.Module, checkpointing: bool, rank: int, autocast_adapter_dtype: bool = True
+               ) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"),
+                               autocast_adapter_dtype=autocast_adapter_dtype)
     model.train()
     return model
+
+
+#: the runs of the comparison: ours and peft as their recipes go, and (``--variants``) each with the other's
+#: adapter dtype: ours with float32 LoRA weights, peft with bf16 ones (``autocast_adapter_dtype=False``)
+VARIANTS: dict[str, Callable[[torch.nn.Module, bool, int], torch.nn.Module]] = {
+    "ours": setup_ours,
+    "peft": setup_peft,
+    "ours_fp32_adapters": lambda m, g, r: setup_ours(m, g, r, adapter_dtype="float32"),
+    "peft_bf16_adapters": lambda m, g, r: setup_peft(m, g, r, autocast_adapter_dtype=False),
+}
 
 
 class Run:
@@ -239,6 +253,7 @@ def compare(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     results: dict[str, Any] = {}
     lines = ["| model | checkpointing | ours step ms | peft step ms | ours / peft | ours peak MiB | peft peak MiB "
              "| ours / peft |", "|---|---|---|---|---|---|---|---|"]
+    extra = ["", "| model | checkpointing | run | step ms | step / peft | peak / peft |", "|---|---|---|---|---|---|"]
     for shape in args.models:
         directory = tempfile.mkdtemp(prefix=f"qlora-{shape}-")
         try:
@@ -247,10 +262,18 @@ def compare(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             batch = torch.randint(4, SHAPES[shape]["vocab_size"], (args.batch, args.seq), generator=gen)
             batch = batch.to(args.device)
             for gc_on in args.checkpointing:
-                runs = [_load("ours", lambda m, g=gc_on: setup_ours(m, g, args.rank), directory, args.device, batch),
-                        _load("peft", lambda m, g=gc_on: setup_peft(m, g, args.rank), directory, args.device, batch)]
+                runs = [_load(name, lambda m, g=gc_on, f=VARIANTS[name]: f(m, g, args.rank), directory, args.device,
+                              batch) for name in args.variants]
                 interleave(runs, args.warmup, args.steps)
                 row = {run.name: run.summary() for run in runs}
+                for name, summary in row.items():  # every run against peft's recipe
+                    summary["step_vs_peft"] = summary["step_ms"] / row["peft"]["step_ms"]
+                    if "peak_mib" in summary:
+                        summary["peak_vs_peft"] = summary["peak_mib"] / row["peft"]["peak_mib"]
+                    if name not in ("ours", "peft"):
+                        peak = summary.get("peak_vs_peft", float("nan"))
+                        extra.append(f"| {shape} | {'on' if gc_on else 'off'} | {name} | {summary['step_ms']:.1f} | "
+                                     f"{summary['step_vs_peft']:.2f} | {peak:.2f} |")
                 results[f"{shape}/checkpointing={'on' if gc_on else 'off'}"] = row
                 ours, peft = row["ours"], row["peft"]
                 mem = "| – | – | – |"
@@ -266,7 +289,7 @@ def compare(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                     torch.cuda.empty_cache()
         finally:
             shutil.rmtree(directory, ignore_errors=True)
-    return results, "\n".join(lines) + "\n"
+    return results, "\n".join(lines + (extra if len(extra) > 3 else [])) + "\n"
 
 
 def casts(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
@@ -308,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=LR)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["ours", "peft"],
+                        help="runs of the comparison (ours and peft always run)")
     parser.add_argument("--casts", action="store_true", help="measure the float32 casts of the prepare step")
     parser.add_argument("--size", choices=list(SHAPES), default=None, help="the model shape of --casts")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -322,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 3)
     args.steps = args.steps or (2 if args.tiny else 10)
     args.checkpointing = {"on": [True], "off": [False], "both": [False, True]}[args.checkpointing]
+    args.variants = ["ours", "peft", *[v for v in args.variants if v not in ("ours", "peft")]]
     if args.casts and len(args.checkpointing) > 1:
         args.checkpointing = [False]
     import transformers

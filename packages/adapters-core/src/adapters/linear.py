@@ -182,9 +182,10 @@ class AdapterLinear(AdapterLayer):
         return F.linear(x, weight, bias)
 
     def adapter_dtype(self, site: Any, config: Any = None) -> torch.dtype:
-        """The dtype of new adapter weights here: ``config.dtype`` if set, else the base weight's dtype,
-        and for a quantized base its compute dtype (the 4-bit ``bnb_4bit_compute_dtype``, a torchao
-        tensor's dtype, the bias'), else the dtype of the model's float weights."""
+        """The dtype of new adapter weights here: ``config.dtype`` if set, else the base weight's dtype;
+        for a quantized base its compute dtype (the 4-bit ``bnb_4bit_compute_dtype``, a torchao tensor's
+        dtype, the bias'), else the dtype of the model's float weights, float32 where that is float16
+        (:func:`adapters.quantized.adapter_dtype_at`)."""
         if self.quantization is None:
             return site.dtype_for(self.weight, config)
         return quantized.adapter_dtype_at(site, self, config)
