@@ -11,7 +11,8 @@ import os
 
 import nox
 
-nox.options.sessions = ["lint", "core", "lora", "bottleneck", "reft", "vera", "third_party", "readme", "tests"]
+nox.options.sessions = ["lint", "core", "lora", "bottleneck", "reft", "vera", "prompt", "third_party", "readme",
+                        "tests"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = False
 
@@ -50,6 +51,7 @@ METHODS = {
     "bottleneck": "packages/adapters-bottleneck",
     "reft": "packages/adapters-reft",
     "vera": "packages/adapters-vera",
+    "prompt": "packages/adapters-prompt",
 }
 THIRD_PARTY = "tests/third_party_plugin"
 PYTEST = ("python", "-m", "pytest", "-q", "-x", "--durations=5")
