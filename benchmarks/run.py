@@ -55,8 +55,13 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "seq_bn": ("seq_bn", None),
     "par_bn": ("par_bn", None),
     "loreft": ("loreft", None),
+    # 20 virtual tokens; prefix tuning trains the MLP (bottleneck 512) and is measured ejected for inference
+    "prompt_tuning": ("prompt_tuning[prompt_length=20]", "prompt_tuning"),
+    "prefix_tuning": ("prefix_tuning[prefix_length=20]", "prefix_tuning"),
 }
 MERGEABLE = {"lora_qv_r8", "lora_all_r16", "ia3", "dora", "vera"}
+#: methods whose training form is ejected before the inference measurements (peft: its inference form)
+EJECT = {"prefix_tuning"}
 
 
 def build_base(size: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -161,6 +166,12 @@ def peft_model(base: torch.nn.Module, key: str) -> torch.nn.Module | None:
                                       feedforward_modules=["up_proj"]),
         "dora": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True),
         "vera": lambda: peft.VeraConfig(r=256, target_modules=["q_proj", "v_proj"]),
+        "prompt_tuning": lambda: peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20),
+        "prefix_tuning": lambda: peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20,
+                                                         prefix_projection=True, encoder_hidden_size=512),
+        # what a saved peft prefix loads as: the prefixes themselves (no MLP)
+        "prefix_tuning_infer": lambda: peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20,
+                                                               inference_mode=True),
     }
     if key not in configs:
         return None
@@ -223,6 +234,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mem_base = peak_memory(fns["base"], device)
         if mem_base:
             row["peak_mem"] = {k: peak_memory(fns[k], device) / mem_base for k in fns if k != "base"}
+        if name in EJECT and not args.train_only:
+            from adapters_prompt import eject_prefix
+
+            eject_prefix(model, "bench")
+            if theirs is not None:
+                theirs = peft_model(base, f"{peft_key}_infer") or theirs
+                theirs.eval()
+                _randomise_adapter(theirs)
         for key, tensor in ({} if args.train_only else ids).items():
             fns_i = {"base": infer(base, tensor), "ours": infer(model, tensor)}
             if theirs is not None:
