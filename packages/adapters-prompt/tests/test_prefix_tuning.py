@@ -151,3 +151,18 @@ def test_refusals_leave_the_model_unchanged(arch, config, match):
     with pytest.raises(AdapterError, match=match):
         model.add_adapter("p", config=config)
     assert list(model.state_dict()) == keys and not model.adapters_config
+
+
+@pytest.mark.parametrize("config", [CONFIG, f"prompt_tuning[prompt_length={P}]"])
+def test_gradient_checkpointing_gives_the_same_gradients(config, helpers):
+    grads = []
+    for checkpointing in (False, True):
+        model = helpers.prepared("qwen3", "causal_lm", config)
+        model.train_adapter("p")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inputs = tiny_inputs(model)
+        model(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model._adapters_state.adapter_parameters("p")]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
