@@ -81,3 +81,15 @@ def test_stack_of_two_prefixes_concatenates_them(helpers):
             pool.control_trans[:, layer.adapters["ab"].index * pool.width:][:, :pool.width] = block
     torch.testing.assert_close(stacked, _run(model, "ab", inputs), rtol=0, atol=1e-6)
     assert not torch.allclose(stacked, _run(model, "a", inputs), atol=1e-3)
+
+
+def test_average_adapter_averages_prompts_and_refuses_prefix_pools(helpers):
+    model = _model(helpers, "prompt", {"a": 2, "b": 2})
+    model.average_adapter("avg", ["a", "b"], weights=[0.25, 0.75])
+    layer = model._adapters_state.layers("a")[0]
+    expected = 0.25 * layer.adapters["a"].embedding + 0.75 * layer.adapters["b"].embedding
+    torch.testing.assert_close(layer.adapters["avg"].embedding, expected.detach())
+    model = _model(helpers, "prefix", {"a": 2, "b": 2})
+    with pytest.raises(AdapterError, match="average_adapter is not supported for prefix tuning"):
+        model.average_adapter("avg", ["a", "b"])
+    assert "avg" not in model.adapters_config

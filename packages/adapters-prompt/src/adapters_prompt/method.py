@@ -236,6 +236,14 @@ class PrefixTuningMethod(AdapterMethod):
     hook_points = frozenset({"model_layers", "layer_self_attn", "layer_cross_attn", "attn_k_proj", "attn_qkv_proj"})
     formats = {"peft": (read_peft_prompt_learning, None), "adapterhub": (read_adapterhub_prefix, None)}
 
+    def average_config(self, config: PrefixTuningConfig, combine_strategy: str, **kwargs: Any) -> PrefixTuningConfig:
+        """Refused: the prefixes live in model-level pools, which ``average_adapter`` would copy from the first
+        adapter instead of averaging.
+
+        :raises AdapterError: always."""
+        raise AdapterError("average_adapter is not supported for prefix tuning (its prefixes are model-level pools, "
+                           "not per-layer weights); average the prompts of prompt tuning, or the pools by hand.")
+
     def validate(self, config: PrefixTuningConfig, points: ModelPoints) -> None:
         prefix_sites(points, config)
         if points.hidden_size is None and (config.use_gating or not config.flat):
