@@ -126,11 +126,13 @@ def apply_cast(model: torch.nn.Module, cast: str) -> None:
 
 
 def setup_ours(model: torch.nn.Module, checkpointing: bool, rank: int, cast: str = "none",
-               adapter_dtype: str | None = None) -> torch.nn.Module:
+               adapter_dtype: str | None = None, reentrant: bool | None = None) -> torch.nn.Module:
     import adapters
     from adapters import LoRAConfig
 
-    model = adapters.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    kwargs = None if reentrant is None else {"use_reentrant": reentrant}
+    model = adapters.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                     gradient_checkpointing_kwargs=kwargs)
     apply_cast(model, cast)
     adapters.init(model)
     model.add_adapter("qlora", config=LoRAConfig(r=rank, alpha=2 * rank, target_modules="all-linear",
@@ -153,13 +155,31 @@ def setup_peft(model: torch.nn.Module, checkpointing: bool, rank: int, autocast_
     return model
 
 
-#: the runs of the comparison: ours and peft as their recipes go, and (``--variants``) each with the other's
-#: adapter dtype: ours with float32 LoRA weights, peft with bf16 ones (``autocast_adapter_dtype=False``)
+def setup_base(model: torch.nn.Module, checkpointing: bool, rank: int, reentrant: bool | None = None
+               ) -> torch.nn.Module:
+    """The frozen 4-bit base, no adapter: forward + backward (to the input embeddings, as a QLoRA step's
+    backward must reach the first adapted layer), the reference of the ratios."""
+    import adapters
+
+    kwargs = None if reentrant is None else {"use_reentrant": reentrant}
+    model = adapters.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                     gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+#: the runs of the comparison: the frozen base, ours and peft as their recipes go, and (``--variants``) each
+#: with the other's adapter dtype: ours with float32 LoRA weights, peft with bf16 ones
 VARIANTS: dict[str, Callable[[torch.nn.Module, bool, int], torch.nn.Module]] = {
+    "base": setup_base,
     "ours": setup_ours,
     "peft": setup_peft,
     "ours_fp32_adapters": lambda m, g, r: setup_ours(m, g, r, adapter_dtype="float32"),
     "peft_bf16_adapters": lambda m, g, r: setup_peft(m, g, r, autocast_adapter_dtype=False),
+    "ours_reentrant": lambda m, g, r: setup_ours(m, g, r, reentrant=True),
+    "ours_non_reentrant": lambda m, g, r: setup_ours(m, g, r, reentrant=False),
+    "base_reentrant": lambda m, g, r: setup_base(m, g, r, reentrant=True),
 }
 
 
@@ -169,7 +189,7 @@ class Run:
     def __init__(self, name: str, model: torch.nn.Module, batch: torch.Tensor, device: str, resident: int) -> None:
         self.name, self.model, self.batch, self.device = name, model, batch, device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=LR)
+        self.optimizer = torch.optim.AdamW(self.params or [torch.zeros(1, requires_grad=True)], lr=LR)
         self.resident = resident
         self.times: list[float] = []
         self.transients: list[int] = []
@@ -251,8 +271,8 @@ def interleave(runs: list[Run], warmup: int, steps: int) -> None:
 def compare(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """Ours against peft for every model shape and checkpointing setting."""
     results: dict[str, Any] = {}
-    lines = ["| model | checkpointing | ours step ms | peft step ms | ours / peft | ours peak MiB | peft peak MiB "
-             "| ours / peft |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | checkpointing | frozen base ms | ours step ms | peft step ms | ours / base | peft / base "
+             "| ours / peft | ours peak MiB | peft peak MiB | ours / peft |", "|---" * 11 + "|"]
     extra = ["", "| model | checkpointing | run | step ms | step / peft | peak / peft |", "|---|---|---|---|---|---|"]
     for shape in args.models:
         directory = tempfile.mkdtemp(prefix=f"qlora-{shape}-")
@@ -270,17 +290,18 @@ def compare(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                     summary["step_vs_peft"] = summary["step_ms"] / row["peft"]["step_ms"]
                     if "peak_mib" in summary:
                         summary["peak_vs_peft"] = summary["peak_mib"] / row["peft"]["peak_mib"]
-                    if name not in ("ours", "peft"):
+                    if name not in ("ours", "peft", "base"):
                         peak = summary.get("peak_vs_peft", float("nan"))
                         extra.append(f"| {shape} | {'on' if gc_on else 'off'} | {name} | {summary['step_ms']:.1f} | "
                                      f"{summary['step_vs_peft']:.2f} | {peak:.2f} |")
                 results[f"{shape}/checkpointing={'on' if gc_on else 'off'}"] = row
-                ours, peft = row["ours"], row["peft"]
+                ours, peft, base = row["ours"], row["peft"], row["base"]["step_ms"]
                 mem = "| – | – | – |"
                 if "peak_mib" in ours:
                     a, b = ours["peak_mib"], peft["peak_mib"]
                     mem = f"| {a:.0f} | {b:.0f} | {a / b:.2f} |"
-                lines.append(f"| {shape} | {'on' if gc_on else 'off'} | {ours['step_ms']:.1f} | {peft['step_ms']:.1f} "
+                lines.append(f"| {shape} | {'on' if gc_on else 'off'} | {base:.1f} | {ours['step_ms']:.1f} | "
+                             f"{peft['step_ms']:.1f} | {ours['step_ms'] / base:.2f} | {peft['step_ms'] / base:.2f} "
                              f"| {ours['step_ms'] / peft['step_ms']:.2f} {mem}")
                 print(lines[-1], flush=True)
                 del runs
@@ -347,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 3)
     args.steps = args.steps or (2 if args.tiny else 10)
     args.checkpointing = {"on": [True], "off": [False], "both": [False, True]}[args.checkpointing]
-    args.variants = ["ours", "peft", *[v for v in args.variants if v not in ("ours", "peft")]]
+    args.variants = ["base", "ours", "peft", *[v for v in args.variants if v not in ("base", "ours", "peft")]]
     if args.casts and len(args.checkpointing) > 1:
         args.checkpointing = [False]
     import transformers

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import os
 import subprocess
 import sys
 
@@ -280,12 +281,18 @@ def test_prepare_model_for_kbit_training(checkpoint):
     assert all(g.abs().sum() > 0 for g in grads[0])
     for with_checkpointing, without in zip(*grads):
         torch.testing.assert_close(with_checkpointing, without)
-    # reentrant checkpointing needs inputs that require grad: only then the input-embeddings hook
-    reentrant = load(checkpoint, 4)
-    adapters.prepare_model_for_kbit_training(reentrant, gradient_checkpointing_kwargs={"use_reentrant": True})
-    inputs = tiny_inputs(reentrant)
-    assert reentrant.get_input_embeddings()(inputs["input_ids"]).requires_grad
-    assert not model.get_input_embeddings()(inputs["input_ids"]).requires_grad
+    # reentrant checkpointing (the default) needs inputs that require grad: only then the input-embeddings hook
+    non_reentrant = load(checkpoint, 4, compute=torch.bfloat16, dtype=torch.bfloat16)
+    adapters.prepare_model_for_kbit_training(non_reentrant, gradient_checkpointing_kwargs={"use_reentrant": False})
+    inputs = tiny_inputs(non_reentrant)
+    assert model.get_input_embeddings()(inputs["input_ids"]).requires_grad
+    assert not non_reentrant.get_input_embeddings()(inputs["input_ids"]).requires_grad
+    adapters.init(non_reentrant)
+    non_reentrant.add_adapter("x", config="lora[init_weights_seed=0, init_weights=bert]")
+    non_reentrant.train_adapter("x")
+    non_reentrant(**inputs, labels=inputs["input_ids"]).loss.backward()
+    for p, expected in zip(non_reentrant._adapters_state.adapter_parameters("x"), grads[0]):
+        torch.testing.assert_close(p.grad, expected)
 
 
 def test_quantization_libraries_are_optional(monkeypatch):
@@ -373,3 +380,33 @@ def test_cpu_inference_layout_then_training(checkpoint):
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
     grads = [p.grad for p in model._adapters_state.adapter_parameters("x")]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("trainer", ["Trainer", "AdapterTrainer"])
+def test_trainers_train_a_quantized_base_with_adapters(checkpoint, tmp_path, trainer):
+    """transformers' Trainer accepts a quantized model only with trainable adapters attached: ours count (the
+    base alone is refused as before); checkpoints hold the adapter, which reloads into a fresh 4-bit model."""
+    import transformers
+
+    model = adapters.prepare_model_for_kbit_training(load(checkpoint, 4))
+    adapters.init(model)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
+                                          save_steps=2, learning_rate=1e-2, report_to=[], use_cpu=True)
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": (ids := torch.randint(4, 100, (8,), generator=gen)), "labels": ids} for _ in range(4)]
+    cls = getattr(adapters, trainer) if trainer == "AdapterTrainer" else transformers.Trainer
+    if trainer == "Trainer":
+        with pytest.raises(ValueError, match="purely quantized"):
+            cls(model=model, args=args, train_dataset=data)
+    model.add_adapter("q", config="lora[target_modules='all-linear']")
+    model.train_adapter("q")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    cls(model=model, args=args, train_dataset=data).train()
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    found = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files]
+    assert not any(f.endswith("model.safetensors") for f in found)
+    directory = next(os.path.dirname(f) for f in found if f.endswith("adapter_config.json"))
+    fresh = adapters.init(load(checkpoint, 4))
+    fresh.load_adapter(directory, set_active=True)
+    inputs = {"input_ids": data[0]["input_ids"][None]}
+    assert torch.equal(logits(fresh.eval(), inputs), logits(model.eval(), inputs))

@@ -58,8 +58,26 @@ def _adapter_class(cls: type) -> type:
                 "transformers.Trainer then writes and resumes from); otherwise the full model, with a warning, and "
                 "the unmerged active or trained adapters beside it.")
             namespace["save_pretrained"] = save_pretrained
+        if hasattr(cls, "_hf_peft_config_loaded"):
+            namespace["_hf_peft_config_loaded"] = property(_trains_adapters, _set_hf_peft_loaded)
         _class_cache[cls] = type(cls.__name__, (AdapterModelMixin, cls), namespace)
     return _class_cache[cls]
+
+
+def _trains_adapters(self: nn.Module) -> bool:
+    """transformers' "adapters are attached" flag (``_hf_peft_config_loaded``, set by its own PEFT integration):
+    also true while our adapters train alone, so ``Trainer`` (and TRL's trainers) accept a quantized base with
+    trainable adapters, as they accept a peft model. Saving is unaffected: ``save_pretrained`` writes the
+    adapter checkpoint itself whenever this is true."""
+    if self.__dict__.get("_adapters_hf_peft_loaded", False):
+        return True
+    from .trainer_checkpoints import adapters_in_training
+
+    return "_adapters_state" in self.__dict__ and adapters_in_training(self)
+
+
+def _set_hf_peft_loaded(self: nn.Module, value: bool) -> None:
+    self.__dict__["_adapters_hf_peft_loaded"] = bool(value)
 
 
 def _rebuild_adapter_model(original_class: type) -> nn.Module:
@@ -429,6 +447,15 @@ class AdapterModelMixin:
 
         return load_adapter(self, adapter_name_or_path, load_as=load_as, set_active=set_active, with_head=with_head,
                             **kwargs)
+
+    def hotswap_adapter(self, adapter_name_or_path: str, adapter_name: str, with_head: bool = True,
+                        **kwargs: Any) -> None:
+        """Load new weights (directory or Hub repo id) into the existing adapter ``adapter_name`` in place (same
+        method and placement; a smaller LoRA rank is padded), so a ``torch.compile``'d model keeps its graphs;
+        see :func:`adapters.hotswap.hotswap_adapter`."""
+        from .hotswap import hotswap_adapter
+
+        hotswap_adapter(self, adapter_name_or_path, adapter_name, with_head=with_head, **kwargs)
 
     def save_all_adapters(self, save_directory: str, with_head: bool = True, use_safetensors: bool = True) -> None:
         """Save every adapter into ``save_directory/<name>``."""

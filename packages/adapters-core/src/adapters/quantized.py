@@ -314,11 +314,14 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
        bfloat16 (``benchmarks/qlora.py --casts``); a float32 norm in front of a bfloat16 (tied) LM head
        would not even run.
     3. bitsandbytes' 4-bit weights keep their training layout on CPU (:func:`keep_training_kernels`).
-    4. With ``use_gradient_checkpointing``: activation checkpointing of the Transformer layers, non-reentrant
-       by default (``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint``), and the KV cache off
-       for training. Only reentrant checkpointing (``{"use_reentrant": True}``) needs the input embeddings'
-       output to require gradients, so only then is that hook kept (transformers installs it whenever
-       checkpointing is enabled; with the non-reentrant default it is removed again).
+    4. With ``use_gradient_checkpointing``: activation checkpointing of the Transformer layers, reentrant by
+       default (``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint``; measured on an H200, 0.6B
+       Qwen3 shape in 4 bits, batch 8 × 512, LoRA r=16 on every linear: 330 ms a step reentrant, 383 ms
+       non-reentrant -- the non-reentrant forward records the autograd graph of every 4-bit matmul it then
+       throws away, and the step is bound by that CPU work), and the KV cache off for training. Reentrant
+       checkpointing needs the input embeddings' output to require gradients, so that hook is kept; with
+       ``{"use_reentrant": False}`` it is removed (transformers installs it whenever checkpointing is enabled;
+       the non-reentrant checkpoint does not need it, and it costs the first layer's input gradient).
 
     :raises ImportError: the model was quantized with bitsandbytes or torchao and that library is missing
         (the message names the extra: ``pip install 'adapters-core[bnb]'``).
@@ -336,7 +339,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
             p.requires_grad_(False)
     keep_training_kernels(model)
     if use_gradient_checkpointing:
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        kwargs = {"use_reentrant": True, **(gradient_checkpointing_kwargs or {})}
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs=kwargs)
