@@ -166,3 +166,37 @@ def test_gradient_checkpointing_gives_the_same_gradients(config, helpers):
         grads.append(torch.cat([p.grad.flatten() for p in model._adapters_state.adapter_parameters("p")]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("where", "kind"), [("encoder", "self"), ("decoder", "self"), ("decoder", "cross")])
+def test_t5_attention_by_hand(where, kind, helpers):
+    """Independent reference, computed from T5's own weights: the prefix keys take part in the softmax with
+    zero position bias, the tokens keep their relative bias (and the decoder its causal mask)."""
+    model = helpers.prepared("t5", "base", CONFIG)
+    block = getattr(model, where).block[0]
+    attn = block.layer[0].SelfAttention if kind == "self" else block.layer[1].EncDecAttention
+    seen = {}
+    handle = attn.register_forward_hook(lambda m, a, kw, out: seen.update(h=a[0] if a else kw["hidden_states"],
+                                                                       kv=kw.get("key_value_states"), out=out[0]),
+                                        with_kwargs=True)
+    with torch.no_grad():
+        model(**tiny_inputs(model))
+        handle.remove()
+        h = seen["h"]
+        source = h if kind == "self" else seen["kv"]
+        b, t, s = h.shape[0], h.shape[1], source.shape[1]
+
+        def heads(x):
+            return x.view(b, x.shape[1], 4, 8).transpose(1, 2)
+
+        prefix = attn.prefix_tuning.adapters["p"].kv()
+        keys = torch.cat([prefix[0].expand(b, -1, -1, -1), heads(attn.k(source))], dim=2)
+        values = torch.cat([prefix[1].expand(b, -1, -1, -1), heads(attn.v(source))], dim=2)
+        bias = attn.compute_bias(t, s) if kind == "self" and attn.has_relative_attention_bias else \
+            torch.zeros(1, 4, t, s)
+        if where == "decoder" and kind == "self":
+            bias = bias.masked_fill(torch.ones(t, s, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+        bias = torch.cat([torch.zeros(1, 4, t, P), bias], dim=-1)
+        weights = torch.softmax(heads(attn.q(h)) @ keys.transpose(2, 3) + bias, dim=-1)
+        expected = attn.o((weights @ values).transpose(1, 2).reshape(b, t, 32))
+    torch.testing.assert_close(seen["out"], expected, rtol=0, atol=1e-5)
