@@ -60,11 +60,6 @@ class VeraProjections(nn.Module):
         self.max_in = int(max_in)
         self.max_out = int(max_out)
         a, b = generate_projections(self.key, self.r, self.max_in, self.max_out)
-        if not dtype.is_floating_point:
-            # the reference weight is quantized (uint8 / int8): keep float32 until the first VeraLinear
-            # gives its adapter dtype (the compute dtype), the same values a float model would get
-            dtype = torch.float32
-            self.__dict__["dtype_from_layers"] = True
         persistent = bool(config.save_projection)
         self.register_buffer("A", a.to(dtype=dtype, device=device), persistent=persistent)
         self.register_buffer("B", b.to(dtype=dtype, device=device), persistent=persistent)
@@ -182,8 +177,6 @@ class VeraLinear(AdapterLinear):
         """Add adapter ``name``; on a fused projection, its part for matrix ``which`` on output ``rows``."""
         dtype = self.adapter_dtype(site, config)
         device = self.weight.device
-        if projections.__dict__.pop("dtype_from_layers", False):  # drawn for a quantized base: take ours
-            projections.to(dtype)
         if isinstance(rows, torch.Tensor):
             rows = rows.to(device)
         vectors = VeraVectors(config, projections, self.in_features, rows, count_rows(rows, self.out_features),

@@ -11,6 +11,7 @@ from adapters.plugin import (
     AttachSite,
     LinearTarget,
     ModelPoints,
+    adapter_dtype_at,
     check_linear_placement,
     linear_targets,
 )
@@ -48,7 +49,7 @@ class VeraMethod(AdapterMethod):
         max_in = max(t.in_features for t in targets)
         max_out = max(t.out_rows for t in targets)
         reference = targets[0].point.module.weight
-        dtype = site.dtype_for(reference, config)
+        dtype = adapter_dtype_at(site, targets[0].point.module, config)  # the compute dtype on a quantized base
         projections = site.shared(
             "projections", lambda: VeraProjections(config, max_in, max_out, dtype, reference.device))
         if (projections.max_in, projections.max_out, projections.r) != (max_in, max_out, config.r):
