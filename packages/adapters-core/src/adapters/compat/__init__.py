@@ -5,9 +5,10 @@ Core knows no method's tensors: it recognises a directory's format with one rule
 methods that declare a reader for that format (``AdapterMethod.formats``, found through
 ``adapters.formats`` entry points) to read it; the first that recognises it wins. Writing a foreign
 format (``save_adapter(..., format="peft")``) goes to the writer of the adapter's method. The readers
-and writers of our formats live in ``adapters_lora.formats`` (PEFT LoRA/DoRA, AdapterHub LoRA/IA3),
-``adapters_bottleneck.formats`` and ``adapters_reft.formats`` (AdapterHub); helpers they share are in
-:mod:`adapters.foreign`.
+and writers of our formats live in ``adapters_lora.peft_format`` (PEFT LoRA / DoRA / IA3),
+``adapters_lora.formats`` (AdapterHub LoRA / IA3), ``adapters_vera.formats`` (PEFT VeRA),
+``adapters_bottleneck.formats`` and ``adapters_reft.formats`` (AdapterHub), ``adapters_prompt`` (PEFT and
+AdapterHub prompt / prefix tuning); helpers they share are in :mod:`adapters.foreign`.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def read_foreign(directory: str) -> LoadedCheckpoint | None:
     if kind == "adapterhub" and isinstance(detail, dict):
         what = f" (architecture {detail.get('architecture')!r})"
     raise CheckpointError(f"{path}: a {_NAMES[kind]} checkpoint{what} that no installed method reads (readers of "
-                          f"{_NAMES[kind]}: {readers}). LoRA / IA3 / DoRA need adapters-lora, bottleneck adapters "
-                          "adapters-bottleneck, ReFT adapters-reft.")
+                          f"{_NAMES[kind]}: {readers}). LoRA / IA3 / DoRA need adapters-lora, VeRA adapters-vera, "
+                          "bottleneck adapters adapters-bottleneck, ReFT adapters-reft, prompt and prefix tuning "
+                          "adapters-prompt.")
 
 
 def save_foreign(model: nn.Module, directory: str, name: str, format: str) -> None:
@@ -55,8 +57,9 @@ def save_foreign(model: nn.Module, directory: str, name: str, format: str) -> No
     record = model._adapters_state.record(name)
     writers = {m.name: writer for m, _, writer in registry.format_handlers(format) if writer is not None}
     if not writers:
-        raise AdapterError(f"Unknown checkpoint format {format!r}: no installed method writes it "
-                           f"(formats: 'native', 'peft' with adapters-lora).")
+        known = sorted({kind for kind in _NAMES if any(w for _, _, w in registry.format_handlers(kind))})
+        raise AdapterError(f"Unknown checkpoint format {format!r}: no installed method writes it (formats: "
+                           f"'native'{''.join(f', {k!r}' for k in known)}).")
     methods = [m.name for m in record.methods]
     usable = [writers[m] for m in methods if m in writers]
     if len(methods) != 1 or not usable:
