@@ -65,3 +65,43 @@ def test_prefix_under_another_method(other):
             alone = model(**inputs).last_hidden_state
     assert not torch.allclose(stacked, alone, atol=1e-4)
     torch.testing.assert_close(stacked, ref.last_hidden_state, rtol=0, atol=1e-5)
+
+
+def test_prompt_under_reft_counts_the_prompt_as_real_tokens_and_keeps_padding_out():
+    """ReFT reads the call's token layout: with a prompt in front, its positions are the prompt's first and
+    left padding stays unedited, so a padded row computes what it computes alone."""
+    model = _model("llama", f"prompt_tuning[prompt_length={P}]", "loreft[prefix_positions=4, suffix_positions=2]")
+    model.set_active_adapters(ac.Stack("p", "o"))
+    full = tiny_inputs(model, batch=2, seq=7)["input_ids"]
+    ids, mask = full.clone(), torch.ones_like(full)
+    ids[0, :3], mask[0, :3] = 0, 0  # row 0: 4 real tokens, left padded
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        alone = model(input_ids=full[:1, 3:]).last_hidden_state
+    torch.testing.assert_close(out.last_hidden_state[0, 3:], alone[0], rtol=0, atol=1e-5)
+
+
+def test_prompt_under_reft_generates_the_same_with_and_without_cache():
+    model = adapters.init(tiny_model("llama", "causal_lm"))
+    model.add_adapter("p", config=f"prompt_tuning[prompt_length={P}]")
+    model.add_adapter("o", config="loreft[prefix_positions=2, suffix_positions=2]")
+    perturb(model, "p", std=0.5)
+    perturb(model, "o", seed=3, std=0.5)
+    model.set_active_adapters(ac.Stack("p", "o"))
+    ids = tiny_inputs(model, batch=2, seq=6)["input_ids"]
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0
+
+    def logits(use_cache: bool) -> torch.Tensor:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             use_cache=use_cache, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        return torch.stack(out.logits)
+
+    cached = logits(True)
+    torch.testing.assert_close(cached, logits(False), rtol=0, atol=1e-4)
+    # the first step reads the prompt as a plain forward does (ReFT's suffix ends the text; generate numbers
+    # positions from the mask)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+    torch.testing.assert_close(cached[0], plain, rtol=0, atol=1e-5)

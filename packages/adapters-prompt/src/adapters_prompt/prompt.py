@@ -12,7 +12,10 @@ The call, when it starts (no cached tokens)
     side: left padding sits between the prompt and the text, masked), ``token_type_ids`` get ``P``
     zeros, ``position_ids`` passed by the caller become ``[0..P-1, position_ids + P]``. Without
     ``position_ids`` the model numbers ``[prompt; tokens]`` itself (``0..P+T-1``): the prompt acts as
-    ``P`` real tokens in front of the text, which is also what a cache then holds.
+    ``P`` real tokens in front of the text, which is also what a cache then holds. The call's context
+    (:class:`~adapters.plugin.ForwardContext`, when it has one) gets the widened mask and, inside
+    ``generate``, prompt lengths ``+ P``: methods that read the token layout (ReFT) see the prompt as the
+    first real tokens and the padding where it is.
 
 A call that continues a cache (``generate`` decode steps)
     The cache already holds the prompt's keys and values (``P`` more than the caller's tokens): the
@@ -44,6 +47,7 @@ from adapters.plugin import (
     ParallelPlan,
     PlanNode,
     StackPlan,
+    current_context,
 )
 
 from .calls import CACHE_KEYS, get_arg, pop_call, push_call, set_arg
@@ -180,7 +184,14 @@ def prompt_pre_hook(attr: str, module: nn.Module, args: tuple, kwargs: dict) -> 
             args = set_arg(names, args, kwargs, "token_type_ids", _pad_front(tt, length, 0))
     mask = get_arg(names, args, kwargs, "attention_mask")
     if isinstance(mask, torch.Tensor):
-        args = set_arg(names, args, kwargs, "attention_mask", _pad_front(mask, length, 1))
+        mask = _pad_front(mask, length, 1)
+        args = set_arg(names, args, kwargs, "attention_mask", mask)
+    ctx = current_context()
+    if prefill and ctx is not None and ctx.token == layer._adapters_token:
+        # the call's token layout, as methods that read it (ReFT) must see it: the prompt is P real tokens
+        ctx.attention_mask = mask if isinstance(mask, torch.Tensor) else ctx.attention_mask
+        if ctx.prompt_lengths is not None:
+            ctx.prompt_lengths = ctx.prompt_lengths + length
     pos = get_arg(names, args, kwargs, "position_ids")
     if isinstance(pos, torch.Tensor):
         args = set_arg(names, args, kwargs, "position_ids", _positions(pos, length, prefill))
