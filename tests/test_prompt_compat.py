@@ -127,3 +127,17 @@ def test_stack_with_lora_is_both_adapters(config):
     model.train_adapter(ac.Stack("p", "l"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora" in n for n in trainable) and any("prompt_tuning" in n or "prefix" in n for n in trainable)
+
+
+def test_adapterhub_prefix_with_options_we_lack_is_refused(tmp_path):
+    import shutil
+
+    directory = tmp_path / "ah_bert_prefix"
+    shutil.copytree(os.path.join(DATA, "ah_bert_prefix"), directory)
+    meta = json.loads((directory / "adapter_config.json").read_text())
+    meta["config"]["future_knob"] = 3
+    (directory / "adapter_config.json").write_text(json.dumps(meta))
+    model = _ah_base("bert")
+    with pytest.raises(CheckpointError, match="future_knob"):
+        model.load_adapter(str(directory))
+    assert not model.adapters_config

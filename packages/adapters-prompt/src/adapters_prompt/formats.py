@@ -110,12 +110,12 @@ def read_adapterhub_prefix(directory: str) -> LoadedCheckpoint | None:
     ours = {f.name for f in dataclasses.fields(PrefixTuningConfig)}
     unknown = [f"{k}={v!r}" for k, v in cfg.items() if k not in ours and k != "architecture"]
     if unknown:
-        raise CheckpointError(f"{cfg_path}: AdapterHub prefix-tuning options that cannot be loaded: "
+        raise CheckpointError(f"{cfg_path}: options of an AdapterHub 'prefix_tuning' adapter that cannot be loaded: "
                               f"{'; '.join(unknown)}.")
     try:
         config = PrefixTuningConfig(**{k: v for k, v in cfg.items() if k in ours})
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{cfg_path}: the prefix-tuning config cannot be used: {exc}") from None
+        raise CheckpointError(f"{cfg_path}: the 'prefix_tuning' config cannot be used: {exc}") from None
     tensors = read_tensors(weights_path)
     pool_re = re.compile(rf"(^|\.)prefix_tuning\.prefix_tunings\.{re.escape(name)}\.(?P<kind>\w+)_prefix\.(?P<p>.+)$")
     gate_re = re.compile(rf"^(?P<path>.+)\.prefix_tuning\.prefix_gates\.{re.escape(name)}\.(?P<p>weight|bias)$")
