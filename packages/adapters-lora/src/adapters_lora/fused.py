@@ -1,0 +1,302 @@
+"""LoRA's optional fused training path: ``y = x Wᵀ + b + s·(x Aᵀ) Bᵀ`` in fewer kernel launches (issue #23).
+
+The plain straight-line path (:meth:`.layer.LoRALinear._straight_line`) records ``addmm``, ``mm`` and
+``addmm`` forward and eight operations backward (five ``mm``, two ``mul`` for the scaling, one ``add``).
+This path runs the base GEMM on cuBLAS and everything rank-``r`` in one Triton kernel
+(:func:`.fused_kernels.low_rank_add`):
+
+* forward, 2 launches: ``y = addmm(b, x, Wᵀ)``; kernel: ``hs = s·x Aᵀ`` (kept for backward), ``y += hs Bᵀ``;
+* backward, 4 launches: ``gx = g W``; kernel: ``us = s·g B``, ``gx += us A``; ``∂A = usᵀ x``; ``∂B = gᵀ hs``.
+
+**Selection.** ``ADAPTERS_FUSED`` (read at import, changed with :func:`set_fused_mode`): ``auto`` (default)
+uses the path for CUDA tensors when Triton is installed; ``0`` never; ``force`` on any device (CPU tensors
+need ``TRITON_INTERPRET=1``: the tests). Triton is imported on first use only, so ``import adapters`` and
+CPU installs never import it. :func:`lora_linear` returns ``None`` for what the path does not cover
+(frozen adapter, trainable base weight, mixed or integer dtypes, rank above 128, ``torch.func`` transforms),
+and the caller runs the plain path. Before its first use per device and dtype the kernel is checked
+against torch on small tensors; if it fails to compile or disagrees, a :class:`FusedPathWarning` is
+issued and that device and dtype compute with torch ops from then on.
+
+**Eager and compiled.** Eagerly an ``autograd.Function`` calls the launchers directly (the dispatcher's
+overhead is what a host-bound step cannot afford); under ``torch.compile`` the same launchers are the
+custom ops ``adapters_lora::lora_linear_fwd`` / ``_bwd`` with fake implementations, so dynamo records one
+node and does not break the graph. Gradient checkpointing recomputes the forward like any other op.
+Double backward is not supported (``once_differentiable``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "lora_linear", "forward_impl", "backward_impl",
+           "LAUNCHES"]
+
+_OFF = {"0", "off", "false", "no"}
+_MODE = os.environ.get("ADAPTERS_FUSED", "auto").strip().lower() or "auto"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_RANK = 128
+#: Triton kernel launches since import (a counter for tests and benchmarks; one ``+= 1`` per launch)
+LAUNCHES = [0]
+_HAS_TRITON: bool | None = None
+_CHECKED: dict[tuple[str, int | None, torch.dtype], bool] = {}
+_KERNEL: Any = None
+
+
+class FusedPathWarning(UserWarning):
+    """The fused kernel failed its first-use check on a device and dtype; torch ops compute there instead."""
+
+
+def fused_mode() -> str:
+    """The current mode: ``"auto"``, ``"0"`` or ``"force"`` (see the module docstring)."""
+    return _MODE
+
+
+def set_fused_mode(mode: str) -> str:
+    """Set the mode (``"auto"`` / ``"1"`` / ``"on"``, ``"0"`` / ``"off"``, ``"force"``); returns the previous one.
+
+    :raises ValueError: an unknown mode.
+    """
+    global _MODE
+    mode = str(mode).strip().lower()
+    if mode in _OFF:
+        mode = "0"
+    elif mode in ("1", "on", "true", "yes", ""):
+        mode = "auto"
+    elif mode not in ("auto", "force"):
+        raise ValueError(f"ADAPTERS_FUSED mode must be auto, 0 or force, not {mode!r}.")
+    previous, _MODE = _MODE, mode
+    return previous
+
+
+set_fused_mode(_MODE)
+
+
+def _triton_installed() -> bool:
+    global _HAS_TRITON
+    if _HAS_TRITON is None:
+        _HAS_TRITON = importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
+
+
+def selected(x: torch.Tensor) -> bool:
+    """Whether the mode selects the fused path for tensors like ``x`` (device and Triton only)."""
+    mode = _MODE
+    if mode == "0":
+        return False
+    return (x.is_cuda or mode == "force") and _triton_installed()
+
+
+# ------------------------------------------------------------------------------------------ launchers
+def _kernel() -> Any:
+    global _KERNEL
+    if _KERNEL is None:
+        from .fused_kernels import low_rank_add
+
+        _KERNEL = low_rank_add
+    return _KERNEL
+
+
+def _programs(device: torch.device) -> int:
+    """How many programs a launch should have to fill ``device`` (small on CPU, so tests exercise splits)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def launch_low_rank(inp: torch.Tensor, down: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None,
+                    h_out: torch.Tensor, scale: float) -> None:
+    """One :func:`.fused_kernels.low_rank_add` launch: ``h_out = scale·(inp @ down)`` and, when ``out`` is
+    given, ``out += h_out @ up`` in place. ``inp`` M × K, ``down`` K × r, ``up`` r × N, ``out`` M × N,
+    ``h_out`` M × r: any strides, one device, one floating dtype."""
+    m, k = inp.shape
+    r = down.shape[1]
+    n = up.shape[1]
+    bm, bk, bn, br = 64, 64, 64, max(16, _next_pow2(r))
+    grid_m = -(-m // bm)
+    blocks = -(-n // bn) if out is not None else 1
+    split = min(blocks, max(1, -(-_programs(inp.device) // grid_m)))
+    per_prog = -(-blocks // split)
+    split = -(-blocks // per_prog)
+    target = out if out is not None else h_out
+    o_strides = out.stride() if out is not None else (0, 0)
+    _kernel()[(grid_m, split)](
+        inp, down, up, target, h_out, m, n, k, r, per_prog, float(scale),
+        inp.stride(0), inp.stride(1), down.stride(0), down.stride(1), up.stride(0), up.stride(1),
+        o_strides[0], o_strides[1], h_out.stride(0), h_out.stride(1),
+        BM=bm, BK=bk, BN=bn, BR=br, WRITE_OUT=out is not None, STORE_H=True,
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", IEEE=inp.dtype == torch.float32,
+    )
+    LAUNCHES[0] += 1
+
+
+def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.mm(weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+
+
+def _kernels_ok(t: torch.Tensor) -> bool:
+    """Whether the kernel passed its first-use check for ``t``'s device and dtype (checked once)."""
+    key = (t.device.type, t.device.index, t.dtype)
+    ok = _CHECKED.get(key)
+    if ok is None:
+        ok = _CHECKED[key] = _self_check(t.device, t.dtype)
+    return ok
+
+
+def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
+    """Run the forward and backward launches on small tensors of ``device`` / ``dtype`` and compare them
+    with torch; ``False`` (and a :class:`FusedPathWarning`) when a launch raises or a result disagrees."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    x, a, b, g = rand(80, 48), rand(8, 48), rand(40, 8), rand(80, 40)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    try:
+        with torch.no_grad():
+            y, hs = torch.zeros(80, 40, device=device, dtype=dtype), torch.empty(80, 8, device=device, dtype=dtype)
+            launch_low_rank(x, a.t(), b.t(), y, hs, 0.5)
+            gx, us = torch.zeros(80, 48, device=device, dtype=dtype), torch.empty(80, 8, device=device, dtype=dtype)
+            launch_low_rank(g, b, a, gx, us, 0.5)
+            want = [(x.float() @ a.float().t()) * 0.5, None, (g.float() @ b.float()) * 0.5, None]
+            want[1], want[3] = want[0] @ b.float().t(), want[2] @ a.float()
+            for got, ref in zip((hs, y, us, gx), want):
+                if not torch.allclose(got.float(), ref, rtol=tol, atol=tol * float(ref.abs().max())):
+                    raise RuntimeError(f"mismatch: max error {float((got.float() - ref).abs().max()):.3g}")
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel here
+        warnings.warn(f"adapters_lora: the fused LoRA kernel failed its check on {device} / {dtype} ({exc}); "
+                      "torch ops compute the fused path there (set ADAPTERS_FUSED=0 to use the plain path).",
+                      FusedPathWarning, stacklevel=3)
+        return False
+    return True
+
+
+def forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, hs)``: ``y = x Wᵀ + b + hs Bᵀ`` (M × N) and ``hs = s·x Aᵀ`` (M × r), ``x`` 2-D."""
+    y = _base(x, weight, bias)
+    hs = x.new_empty(x.shape[0], lora_a.shape[0])
+    if _kernels_ok(x):
+        launch_low_rank(x, lora_a.t(), lora_b.t(), y, hs, scaling)
+    else:
+        torch.mm(x, lora_a.t(), out=hs).mul_(scaling)
+        y.addmm_(hs, lora_b.t())
+    return y, hs
+
+
+def backward_impl(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, hs: torch.Tensor, scaling: float, need_x: bool, need_a: bool,
+                  need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(∂x, ∂A, ∂B)`` from the output gradient ``g`` (M × N); ``None`` where not needed."""
+    gx = g.mm(weight) if need_x else None
+    ga = gb = None
+    if need_x or need_a:
+        us = g.new_empty(g.shape[0], lora_a.shape[0])
+        if _kernels_ok(g):
+            launch_low_rank(g, lora_b, lora_a, gx, us, scaling)
+        else:
+            torch.mm(g, lora_b, out=us).mul_(scaling)
+            if gx is not None:
+                gx.addmm_(us, lora_a)
+        if need_a:
+            ga = us.t().mm(x)
+    if need_b:
+        gb = g.t().mm(hs)
+    return gx, ga, gb
+
+
+# ------------------------------------------------------------------------------------------ autograd
+class _FusedLoRA(torch.autograd.Function):
+    """The eager path: launchers called directly, only ``y`` returned (``hs`` is saved)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+        y, hs = forward_impl(x, weight, bias, lora_a, lora_b, scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, hs)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, lora_a, lora_b, hs = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx, ga, gb = backward_impl(g, x, weight, lora_a, lora_b, hs, ctx.scaling, need[0], need[3], need[4])
+        return gx, None, None, ga, gb, None
+
+
+@torch.library.custom_op("adapters_lora::lora_linear_fwd", mutates_args=())
+def _op_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+            lora_b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward_impl(x, weight, bias, lora_a, lora_b, scaling)
+
+
+@_op_fwd.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+      lora_b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
+@torch.library.custom_op("adapters_lora::lora_linear_bwd", mutates_args=())
+def _op_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+            hs: torch.Tensor, scaling: float, need_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx, ga, gb = backward_impl(g, x, weight, lora_a, lora_b, hs, scaling, need_x, True, True)
+    return (gx if gx is not None else x.new_empty(0)), ga, gb
+
+
+@_op_bwd.register_fake
+def _(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+      hs: torch.Tensor, scaling: float, need_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0)), torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def _op_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, weight, _bias, lora_a, lora_b, scaling = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
+    ctx.scaling = scaling
+
+
+def _op_backward(ctx: Any, g: torch.Tensor, _g_hs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    x, weight, lora_a, lora_b, hs = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gx, ga, gb = _op_bwd(g, x, weight, lora_a, lora_b, hs, ctx.scaling, need[0])
+    return (gx if need[0] else None), None, None, (ga if need[3] else None), (gb if need[4] else None), None
+
+
+_op_fwd.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float) -> torch.Tensor | None:
+    """``x Wᵀ + b + s·(x Aᵀ) Bᵀ`` for 2-D ``x`` (M × K) on the fused path, or ``None`` where it does not apply.
+
+    Covers a training step (gradients enabled, ``A`` or ``B`` trainable, ``W`` and ``b`` frozen) with every
+    tensor on one device in one dtype (float16, bfloat16, float32) and rank ≤ 128, when :func:`selected`.
+    """
+    if not selected(x) or not torch.is_grad_enabled():
+        return None
+    if not (lora_a.requires_grad or lora_b.requires_grad) or weight.requires_grad:
+        return None
+    dtype = x.dtype
+    if (dtype not in _DTYPES or weight.dtype != dtype or lora_a.dtype != dtype or lora_b.dtype != dtype
+            or lora_a.shape[0] > _MAX_RANK or x.dim() != 2):
+        return None
+    if bias is not None and (bias.requires_grad or bias.dtype != dtype):
+        return None
+    if torch.compiler.is_compiling():
+        return torch.ops.adapters_lora.lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling)[0]
+    if torch._C._are_functorch_transforms_active() or not _kernels_ok(x):
+        return None
+    return _FusedLoRA.apply(x, weight, bias, lora_a, lora_b, scaling)
