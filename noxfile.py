@@ -107,7 +107,8 @@ def third_party(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Everything installed: every package's tests plus the cross-package suite in tests/."""
     _install(session, CORE, *METHODS.values(), THIRD_PARTY,
-             extra=("safetensors", "matplotlib", "accelerate", "peft", "trl", "bitsandbytes", "torchao"))
+             extra=("safetensors", "matplotlib", "accelerate", "peft", "trl", "bitsandbytes", "torchao",
+                    "triton"))  # triton: the fused kernels run under TRITON_INTERPRET=1 (tests/test_fused_kernels.py)
     paths = _tests([f"{CORE}/tests", *[f"{p}/tests" for p in METHODS.values()], "tests"])
     # the README's examples run in the readme session, installed as the README says
     session.run(*PYTEST, *paths, "--ignore", f"{THIRD_PARTY}", "--ignore", "tests/test_readme_examples.py")
