@@ -46,6 +46,8 @@ LAUNCHES = [0]
 _HAS_TRITON: bool | None = None
 _CHECKED: dict[tuple[str, int | None, torch.dtype], bool] = {}
 _KERNEL: Any = None
+#: whether the kernel was built by Triton's CPU interpreter (``TRITON_INTERPRET=1`` when it was imported)
+_INTERPRETED = False
 
 
 class FusedPathWarning(UserWarning):
@@ -94,10 +96,11 @@ def selected(x: torch.Tensor) -> bool:
 
 # ------------------------------------------------------------------------------------------ launchers
 def _kernel() -> Any:
-    global _KERNEL
+    global _KERNEL, _INTERPRETED
     if _KERNEL is None:
         from .fused_kernels import low_rank_add
 
+        _INTERPRETED = type(low_rank_add).__name__ == "InterpretedFunction"
         _KERNEL = low_rank_add
     return _KERNEL
 
@@ -129,12 +132,13 @@ def launch_low_rank(inp: torch.Tensor, down: torch.Tensor, up: torch.Tensor, out
     split = -(-blocks // per_prog)
     target = out if out is not None else h_out
     o_strides = out.stride() if out is not None else (0, 0)
-    _kernel()[(grid_m, split)](
+    kernel = _kernel()
+    kernel[(grid_m, split)](
         inp, down, up, target, h_out, m, n, k, r, per_prog, float(scale),
         inp.stride(0), inp.stride(1), down.stride(0), down.stride(1), up.stride(0), up.stride(1),
         o_strides[0], o_strides[1], h_out.stride(0), h_out.stride(1),
         BM=bm, BK=bk, BN=bn, BR=br, WRITE_OUT=out is not None, STORE_H=True,
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", IEEE=inp.dtype == torch.float32,
+        UPCAST=_INTERPRETED, IEEE=inp.dtype == torch.float32,
     )
     LAUNCHES[0] += 1
 
@@ -185,7 +189,7 @@ def forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  lora_b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, hs)``: ``y = x Wᵀ + b + hs Bᵀ`` (M × N) and ``hs = s·x Aᵀ`` (M × r), ``x`` 2-D."""
     y = _base(x, weight, bias)
-    hs = x.new_empty(x.shape[0], lora_a.shape[0])
+    hs = torch.empty(x.shape[0], lora_a.shape[0], device=x.device, dtype=x.dtype)
     if _kernels_ok(x):
         launch_low_rank(x, lora_a.t(), lora_b.t(), y, hs, scaling)
     else:
@@ -201,7 +205,7 @@ def backward_impl(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a
     gx = g.mm(weight) if need_x else None
     ga = gb = None
     if need_x or need_a:
-        us = g.new_empty(g.shape[0], lora_a.shape[0])
+        us = torch.empty(g.shape[0], lora_a.shape[0], device=g.device, dtype=g.dtype)
         if _kernels_ok(g):
             launch_low_rank(g, lora_b, lora_a, gx, us, scaling)
         else:

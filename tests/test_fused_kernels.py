@@ -1,0 +1,228 @@
+"""The fused training kernels (issue #23) under Triton's CPU interpreter, against the plain torch path.
+
+``TRITON_INTERPRET=1`` is set in this process before the kernels are imported (they are imported on
+first use only), and ``ADAPTERS_FUSED=force`` (:func:`set_fused_mode`) selects the fused path for CPU
+tensors. Every test compares the forward output and every gradient with the plain path's operations;
+the op-count tests replace the Triton launch by a counter and count the ATen operations around it.
+Shapes are tiny (the interpreter runs a kernel's programs in Python).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports the kernels
+pytest.importorskip("triton")
+
+from adapters.testing import count_kernel_ops
+from adapters_lora import fused
+
+BF16_TOL = dict(rtol=2e-2, atol=2e-2)
+
+
+@pytest.fixture(autouse=True)
+def _forced():
+    previous = fused.set_fused_mode("force")
+    yield
+    fused.set_fused_mode(previous)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """Equal to float32 rounding, or to bfloat16 / float16 tolerance relative to the largest value."""
+    scale = float(want.abs().max()) or 1.0
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), rtol=BF16_TOL["rtol"], atol=BF16_TOL["atol"] * scale)
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+def _lora_tensors(m: int, k: int, n: int, r: int, dtype: torch.dtype, bias: bool = True, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    x = rand(m, k).requires_grad_()
+    weight = rand(n, k, scale=k ** -0.5)
+    b = rand(n) if bias else None
+    lora_a = rand(r, k, scale=k ** -0.5).requires_grad_()
+    lora_b = rand(n, r, scale=0.5).requires_grad_()
+    return x, weight, b, lora_a, lora_b, rand(m, n)
+
+
+def _plain_lora(x, weight, bias, lora_a, lora_b, scaling):
+    """LoRALinear._straight_line's operations (the plain path)."""
+    y = x.mm(weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    return torch.addmm(y, x.mm(lora_a.t()), lora_b.t(), alpha=scaling)
+
+
+def _grads(fn, x, weight, bias, lora_a, lora_b, g, scaling):
+    for t in (x, lora_a, lora_b):
+        t.grad = None
+    y = fn(x, weight, bias, lora_a, lora_b, scaling)
+    assert y is not None, "the fused path was not taken"
+    y.backward(g)
+    return [y.detach()] + [t.grad for t in (x, lora_a, lora_b)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(24, 40, 72, 4), (130, 64, 100, 8), (5, 33, 150, 20)])
+def test_lora_matches_plain_path(dtype, shape) -> None:
+    """Forward and the gradients of x, A, B; ragged sizes, ranks that are not powers of two, row blocks
+    shorter than a block and column splits (four programs per launch on CPU)."""
+    x, weight, bias, lora_a, lora_b, g = _lora_tensors(*shape, dtype)
+    got = _grads(fused.lora_linear, x, weight, bias, lora_a, lora_b, g, 2.0)
+    want = _grads(_plain_lora, x, weight, bias, lora_a, lora_b, g, 2.0)
+    for a, b in zip(got, want):
+        _close(a, b, dtype)
+    assert got[1].abs().max() > 0 and got[2].abs().max() > 0
+
+
+def test_lora_strided_inputs_no_bias_and_frozen_input() -> None:
+    """Transposed views for x, A, B and the incoming gradient (strides are passed, nothing copied), no
+    bias; then an input that needs no gradient (the kernel only computes s·g B)."""
+    x, weight, _, lora_a, lora_b, g = _lora_tensors(40, 48, 36, 6, torch.float32, bias=False)
+    xt = x.detach().t().contiguous().t().requires_grad_()  # same values, column-major
+    at = lora_a.detach().t().contiguous().t().requires_grad_()
+    bt = lora_b.detach().t().contiguous().t().requires_grad_()
+    gt = g.t().contiguous().t()
+    assert not xt.is_contiguous() and not gt.is_contiguous()
+    got = _grads(fused.lora_linear, xt, weight, None, at, bt, gt, 0.5)
+    want = _grads(_plain_lora, x, weight, None, lora_a, lora_b, g, 0.5)
+    for a, b in zip(got, want):
+        _close(a, b, torch.float32)
+    frozen_x = x.detach()
+    for t in (lora_a, lora_b):
+        t.grad = None
+    fused.lora_linear(frozen_x, weight, None, lora_a, lora_b, 0.5).backward(g)
+    got_ab = lora_a.grad, lora_b.grad
+    for t in (lora_a, lora_b):
+        t.grad = None
+    _plain_lora(frozen_x, weight, None, lora_a, lora_b, 0.5).backward(g)
+    _close(got_ab[0], lora_a.grad, torch.float32)
+    _close(got_ab[1], lora_b.grad, torch.float32)
+
+
+def test_lora_declines_what_it_does_not_cover() -> None:
+    x, weight, bias, lora_a, lora_b, _ = _lora_tensors(8, 16, 16, 4, torch.float32)
+    assert fused.lora_linear(x, weight.requires_grad_(), bias, lora_a, lora_b, 1.0) is None  # trainable base
+    weight.requires_grad_(False)
+    assert fused.lora_linear(x, weight, bias, lora_a.detach(), lora_b.detach(), 1.0) is None  # frozen adapter
+    assert fused.lora_linear(x, weight.double(), bias, lora_a, lora_b, 1.0) is None  # mixed dtypes
+    big_a = torch.zeros(129, 16, requires_grad=True)
+    assert fused.lora_linear(x, weight, bias, big_a, torch.zeros(16, 129), 1.0) is None  # rank above 128
+    with torch.no_grad():
+        assert fused.lora_linear(x, weight, bias, lora_a, lora_b, 1.0) is None  # inference: the plain path
+    fused.set_fused_mode("0")
+    assert fused.lora_linear(x, weight, bias, lora_a, lora_b, 1.0) is None
+    fused.set_fused_mode("auto")  # auto: CUDA tensors only
+    assert fused.lora_linear(x, weight, bias, lora_a, lora_b, 1.0) is None
+    with pytest.raises(ValueError, match="auto, 0 or force"):
+        fused.set_fused_mode("sometimes")
+
+
+def test_lora_under_compile_and_checkpointing() -> None:
+    """``torch.compile(fullgraph=True)`` records the custom op (a graph break would raise) and gives
+    the eager gradients; non-reentrant checkpointing recomputes the fused forward."""
+    x, weight, bias, lora_a, lora_b, g = _lora_tensors(24, 32, 40, 4, torch.float32)
+
+    def loss(x, lora_a, lora_b):
+        y = fused.lora_linear(x, weight, bias, lora_a, lora_b, 2.0)
+        return (y * g).sin().sum()
+
+    def plain_loss(x, lora_a, lora_b):
+        return (_plain_lora(x, weight, bias, lora_a, lora_b, 2.0) * g).sin().sum()
+
+    want = torch.autograd.grad(plain_loss(x, lora_a, lora_b), (x, lora_a, lora_b))
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    before = fused.LAUNCHES[0]
+    got = torch.autograd.grad(compiled(x, lora_a, lora_b), (x, lora_a, lora_b))
+    assert fused.LAUNCHES[0] - before == 2  # the kernel ran forward and backward inside the graph
+    for a, b in zip(got, want):
+        _close(a, b, torch.float32)
+    from torch.utils.checkpoint import checkpoint
+
+    before = fused.LAUNCHES[0]
+    got = torch.autograd.grad(checkpoint(loss, x, lora_a, lora_b, use_reentrant=False), (x, lora_a, lora_b))
+    assert fused.LAUNCHES[0] - before == 3  # forward, recomputed forward, backward
+    for a, b in zip(got, want):
+        _close(a, b, torch.float32)
+
+
+def _launch_counter(monkeypatch, module) -> list[int]:
+    """Replace ``module.launch_*`` by a counter (outputs keep their values: counts only) and mark the
+    kernels checked, so :func:`count_kernel_ops` sees the ATen operations around the launches."""
+    calls = [0]
+    names = [n for n in vars(module) if n.startswith("launch_")]
+    for name in names:
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.__setitem__(0, calls[0] + 1))
+    monkeypatch.setattr(module, "_kernels_ok", lambda t: True)
+    return calls
+
+
+def test_lora_launches_saved(monkeypatch) -> None:
+    """Per site the plain path runs 3 operations forward and 8 backward (5 ``mm``, 2 ``mul`` for the
+    scaling, 1 ``add`` joining the input gradients); the fused path 2 forward (``addmm`` + the kernel)
+    and 4 backward (3 ``mm`` + the kernel)."""
+    x, weight, bias, lora_a, lora_b, g = _lora_tensors(16, 16, 16, 4, torch.float32)
+
+    def fwd(fn):
+        return lambda: fn(x, weight, bias, lora_a, lora_b, 2.0)
+
+    def step(fn):
+        def run():
+            for t in (x, lora_a, lora_b):
+                t.grad = None
+            fn(x, weight, bias, lora_a, lora_b, 2.0).backward(g)
+        return run
+
+    plain_fwd, plain_step = count_kernel_ops(fwd(_plain_lora)), count_kernel_ops(step(_plain_lora))
+    calls = _launch_counter(monkeypatch, fused)
+    fused_fwd = count_kernel_ops(fwd(fused.lora_linear))
+    assert calls[0] == 1
+    fused_step = count_kernel_ops(step(fused.lora_linear))
+    assert calls[0] == 3
+    assert sum(plain_fwd.values()) == 3 and sum(plain_step.values()) == 3 + 8
+    assert fused_fwd == {"aten.addmm": 1}  # + 1 kernel
+    assert fused_step == {"aten.addmm": 1, "aten.mm": 3}  # + 2 kernels
+    assert plain_step["aten.mul"] == 2 and plain_step["aten.add"] == 1
+
+
+def test_lora_failed_check_warns_and_falls_back(monkeypatch) -> None:
+    """A kernel that fails its first-use check is not used: a warning, the plain path eagerly, and the
+    custom op's implementation computes with torch ops (what a compiled graph calls)."""
+    x, weight, bias, lora_a, lora_b, g = _lora_tensors(12, 16, 20, 4, torch.float32)
+    monkeypatch.setattr(fused, "_CHECKED", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(fused, "launch_low_rank", broken)
+    with pytest.warns(fused.FusedPathWarning, match="no kernel here"):
+        assert fused.lora_linear(x, weight, bias, lora_a, lora_b, 2.0) is None
+    y, hs = fused.forward_impl(x.detach(), weight, bias, lora_a.detach(), lora_b.detach(), 2.0)
+    _close(y, _plain_lora(x, weight, bias, lora_a, lora_b, 2.0).detach(), torch.float32)
+    _close(hs, 2.0 * x.detach() @ lora_a.detach().t(), torch.float32)
+    gx, ga, gb = fused.backward_impl(g, x.detach(), weight, lora_a.detach(), lora_b.detach(), hs, 2.0,
+                                     True, True, True)
+    want = _grads(_plain_lora, x, weight, bias, lora_a, lora_b, g, 2.0)[1:]
+    for a, b in zip((gx, ga, gb), want):
+        _close(a, b, torch.float32)
+
+
+def test_import_adapters_does_not_import_triton() -> None:
+    """``import adapters`` and the LoRA / bottleneck layers import no Triton; ``ADAPTERS_FUSED=0`` is read."""
+    code = ("import sys, adapters, adapters_lora.layer, adapters_lora.fused as f, adapters_bottleneck.layer; "
+            "assert 'triton' not in sys.modules, 'triton imported'; print(f.fused_mode())")
+    env = {**os.environ, "ADAPTERS_FUSED": "0"}
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
