@@ -164,6 +164,9 @@ class AdapterSetup:
         self.task_ids = task_ids
         #: set by generate(): the inputs were replicated for Parallel once, before generation
         self.replicated = False
+        #: set by generate(adapter_names=...): every call inside routes rows to these adapters (one per prompt
+        #: row, "__base__" for the base model; see adapters.forward.rows_table)
+        self.adapter_names: list[str] | None = None
         #: set by generate(): the calls inside belong to one generation (see ForwardContext.prompt_lengths)
         self.generation = False
         self.prompt_lengths: torch.Tensor | None = None

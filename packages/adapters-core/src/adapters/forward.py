@@ -5,7 +5,8 @@ When a forward call starts, :func:`pre_forward` resolves the call's setup (an op
 :class:`~adapters.state.PlanTable` and, only when the call needs one, pushes a
 :class:`~adapters.context.ForwardContext`: for a setup other than the default (its plans travel
 with the call), ``Parallel`` (the batch is replicated here), ``MultiTask`` (``task_ids`` are
-grouped here) and methods that read the token layout (ReFT). :func:`post_forward` (always called)
+grouped here), per-row ``adapter_names=`` (:func:`rows_table`: a ``MultiTask`` over the model's adapters
+plus the base model) and methods that read the token layout (ReFT). :func:`post_forward` (always called)
 pops it. Nothing is written to the model or its layers, so threads, ``nn.DataParallel`` replicas
 and nested calls each keep their own state.
 """
@@ -13,6 +14,7 @@ and nested calls each keep their own state.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,8 +23,16 @@ from torch import nn
 from . import composition as ac
 from . import context as _context
 from .context import AdapterSetup, ForwardContext, current_setup, pop_context, push_context
+from .errors import CompositionError
+from .plan import IDENTITY, MultiTaskPlan
+from .plan_compile import PlanTable
 
-__all__ = ["pre_forward", "post_forward", "generate_with_setup", "call_setup"]
+__all__ = ["pre_forward", "post_forward", "generate_with_setup", "call_setup", "rows_table", "BASE_ROW"]
+
+#: The name that sends a row of ``adapter_names=[...]`` to the base model (no adapter), as in peft.
+BASE_ROW = "__base__"
+#: Key of the per-row table in the state's plan cache (never equal to a setup: setups are names or blocks).
+_ROWS_KEY = ("adapter_names",)
 
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "decoder_input_ids")
 _call_local = threading.local()
@@ -72,18 +82,28 @@ def pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dic
     """Forward pre-hook of an adapter model (see the module docstring)."""
     state = model._adapters_state
     task_ids = kwargs.pop("task_ids", None)
+    adapter_names = kwargs.pop("adapter_names", None)
     try:
         setup, entry = call_setup(model)
-        # the default table always belongs to state.active (apply_setup writes both, and every change of
-        # the active setup goes through it): no lookup on the common path
-        table = state.default if entry is None else state.table(setup)
-        own_plans = entry is not None and setup != state.active
+        if adapter_names is None and entry is not None:
+            adapter_names = entry.adapter_names  # generate(adapter_names=...)
+        if adapter_names is not None:
+            if task_ids is not None:
+                raise ValueError("Pass adapter_names (one adapter per row) or task_ids (a MultiTask setup), not both.")
+            table, task_ids = rows_table(state, adapter_names)
+            own_plans = True
+        else:
+            # the default table always belongs to state.active (apply_setup writes both, and every change of
+            # the active setup goes through it): no lookup on the common path
+            table = state.default if entry is None else state.table(setup)
+            own_plans = entry is not None and setup != state.active
         if not (own_plans or table.needs_context):
             _calls().append(False)
             return (args, kwargs) if task_ids is not None else None
         if task_ids is None and entry is not None:
             task_ids = entry.task_ids
-        args, kwargs, ctx = _build_context(state, table, args, kwargs, task_ids, entry)
+        label = "task_ids" if adapter_names is None else "adapter_names"
+        args, kwargs, ctx = _build_context(state, table, args, kwargs, task_ids, entry, label)
         ctx.plans = table.plans if own_plans else None
     except BaseException:
         _calls().append(False)  # the post-hook (always called) pops one entry per call
@@ -103,9 +123,10 @@ def post_forward(model: nn.Module, args: tuple, output: Any) -> None:
     return None
 
 
-def _build_context(state: Any, table: Any, args: tuple, kwargs: dict, task_ids: Any,
-                   entry: AdapterSetup | None) -> tuple[tuple, dict, ForwardContext]:
-    """The per-call context; replicates the inputs for ``Parallel`` and routes ``task_ids``."""
+def _build_context(state: Any, table: Any, args: tuple, kwargs: dict, task_ids: Any, entry: AdapterSetup | None,
+                   label: str = "task_ids") -> tuple[tuple, dict, ForwardContext]:
+    """The per-call context; replicates the inputs for ``Parallel`` and routes ``task_ids`` (``label``: the
+    argument the rows came from, for error messages)."""
     named = dict(zip(state.forward_params, args))
     named.update(kwargs)
     ctx = ForwardContext(token=state.token, attention_mask=named.get("attention_mask"),
@@ -136,8 +157,10 @@ def _build_context(state: Any, table: Any, args: tuple, kwargs: dict, task_ids: 
         if entry is not None and entry.generation:
             ids = _expand_rows(ids, batch)
         if batch is not None and ids.numel() != batch:
-            raise ValueError(f"task_ids has {ids.numel()} entries for a batch of {batch} rows: pass one task per row "
-                             f"(a name of {list(table.task_names)} or its index).")
+            what = (f"a name of {list(table.task_names)} or its index" if label == "task_ids" else
+                    f"an adapter name or '{BASE_ROW}'")
+            raise ValueError(f"{label} has {ids.numel()} entries for a batch of {batch} rows: pass one per row "
+                             f"({what}).")
         device = next((t.device for t in (ctx.input_ids, ctx.attention_mask) if isinstance(t, torch.Tensor)), None)
         if device is None:
             device = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
@@ -182,13 +205,27 @@ def _task_tensor(task_ids: Any, names: list[str]) -> torch.Tensor:
 def generate_with_setup(model: nn.Module, original: Any, args: tuple, kwargs: dict) -> Any:
     """``model.generate`` with the call's setup applied to the prompt and every decode step.
 
-    ``task_ids=`` (one per prompt row) routes a ``MultiTask`` setup; rows that ``generate`` expands
-    (``num_beams``, ``num_return_sequences``) keep their row's task. With ``Parallel`` active the
-    prompt batch is replicated once, one copy per child, so ``generate`` returns
-    ``len(Parallel) × batch`` sequences (the first ``batch`` from the first child, ...).
+    ``task_ids=`` (one per prompt row) routes a ``MultiTask`` setup; ``adapter_names=`` (one adapter name per
+    prompt row, ``"__base__"`` for the base model) routes each row to its own adapter whatever the active
+    setup (:func:`rows_table`). Rows that ``generate`` expands (``num_beams``, ``num_return_sequences``) keep
+    their row's task / adapter. With ``Parallel`` active the prompt batch is replicated once, one copy per
+    child, so ``generate`` returns ``len(Parallel) × batch`` sequences (the first ``batch`` from the first
+    child, ...).
     """
     task_ids = kwargs.pop("task_ids", None)
+    adapter_names = kwargs.pop("adapter_names", None)
     setup, entry = call_setup(model)
+    if adapter_names is None and entry is not None:
+        adapter_names = entry.adapter_names
+    if adapter_names is not None:
+        if task_ids is not None:
+            raise ValueError("Pass adapter_names (one adapter per row) or task_ids (a MultiTask setup), not both.")
+        rows_table(model._adapters_state, adapter_names)  # refuse before generating
+        scope = AdapterSetup(setup, model=model)
+        scope.adapter_names = list(adapter_names)
+        scope.generation = True
+        with scope:
+            return original(model, *args, **kwargs)
     if task_ids is None and entry is not None:
         task_ids = entry.task_ids
     table = model._adapters_state.table(setup)
@@ -205,3 +242,63 @@ def generate_with_setup(model: nn.Module, original: Any, args: tuple, kwargs: di
             scope.replicated = True
     with scope:
         return original(model, *args, **kwargs)
+
+
+def rows_table(state: Any, adapter_names: Any) -> tuple[PlanTable, torch.Tensor | None]:
+    """The plan table and per-row task ids of a call with ``adapter_names=[...]``: one adapter name per row,
+    :data:`BASE_ROW` (``"__base__"``) for a row that runs the base model alone.
+
+    The table is a ``MultiTask`` over every adapter of the model whose methods support ``MultiTask`` (in the
+    order they were added) plus a last identity child for base rows. Every such call therefore shares one
+    table, whatever subset of adapters it names (cached in the state's plan cache, which is emptied when
+    adapters, fusions or merges change), and LoRA's gathered path keeps one stack per layer. Rows that all
+    name the base model run the plain base table (no routing).
+
+    :returns: ``(table, ids)``; ``ids`` is ``None`` when no row needs routing.
+    :raises ValueError: ``adapter_names`` is not a list of names.
+    :raises AdapterNotFoundError: a name the model does not have.
+    :raises CompositionError: a named adapter's method does not support ``MultiTask``, or adapters are merged
+        into the base weights (merged weights act on every row).
+    """
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise ValueError(f"adapter_names must be a list with one adapter name per row ('{BASE_ROW}' for the base "
+                         f"model), not {adapter_names!r}.")
+    cached = state._plan_cache.get(_ROWS_KEY)
+    if cached is None:
+        cached = _build_rows_table(state)
+    table, index = cached
+    ids = []
+    for name in adapter_names:
+        slot = index.get(name) if isinstance(name, str) else None
+        if slot is None:
+            if not isinstance(name, str):
+                raise ValueError(f"adapter_names entries must be adapter names or '{BASE_ROW}', got {name!r}.")
+            record = state.record(name)  # an unknown name raises here
+            unsupported = [m.name for m in record.methods if "MultiTask" not in m.supported_blocks]
+            raise CompositionError(f"adapter_names: adapter '{name}' uses method(s) {unsupported}, which cannot route "
+                                   "rows (no MultiTask support).")
+        ids.append(slot)
+    if table is None or all(slot == len(index) - 1 for slot in ids):
+        return state.table(None), None  # every row runs the base model
+    return table, torch.tensor(ids, dtype=torch.long)
+
+
+@torch.compiler.disable  # builds blocks and tables (once per adapter set): never traced
+def _build_rows_table(state: Any) -> tuple[PlanTable | None, dict[str, int]]:
+    """``(table, row index of each name)`` for :func:`rows_table`, stored in the state's plan cache."""
+    if state.merged:
+        raise CompositionError(f"adapter_names routes each row to its own adapter, but adapter(s) {state.merged} "
+                               "are merged into the base weights, which act on every row; call "
+                               "model.reset_adapter() first.")
+    children = tuple(name for name, record in state.adapters.items()
+                     if all("MultiTask" in m.supported_blocks for m in record.methods))
+    table = None
+    if children:
+        inner = state.table(ac.MultiTask(*children))
+        plans = tuple(None if p is None else MultiTaskPlan(children=(*p.children, IDENTITY), tasks=(*p.tasks, BASE_ROW))
+                      for p in inner.plans)
+        table = replace(inner, plans=plans, task_names=(*children, BASE_ROW))
+    index = {name: i for i, name in enumerate(children)}
+    index[BASE_ROW] = len(children)
+    state._plan_cache[_ROWS_KEY] = (table, index)
+    return table, index

@@ -29,16 +29,20 @@ from adapters.plugin import (
 
 from .config import LoRAConfig
 from .deltas import DoRADelta, IA3InputScale, IA3Scale, LoRADelta, MTLLoRADelta
+from .gathered import CACHE, ROUTED, gathered_forward
+from .hotswap import hotswap_values
 
-__all__ = ["LoRALinear", "LoRADelta", "MTLLoRADelta", "IA3Scale", "DoRADelta", "FusedParts"]
-
+__all__ = ["LoRALinear", "MergedLoRALinear", "LoRADelta", "MTLLoRADelta", "IA3Scale", "DoRADelta", "FusedParts"]
 
 
 class LoRALinear(AdapterLinear):
     """A linear projection with LoRA-family adapters. Shares ``weight``/``bias`` with the original.
 
     Plans run on ``(y, x)``: each adapter maps the projection's output ``y`` to an adapted output
-    (:meth:`leaf`), so ``Stack`` adds deltas and ``Average`` averages outputs.
+    (:meth:`leaf`), so ``Stack`` adds deltas and ``Average`` averages outputs. A row-routing plan
+    (``MultiTask``, per-row ``adapter_names``, ``BatchSplit``, ``Parallel``) over plain LoRA adapters runs
+    without autograd on the gathered path (:mod:`.gathered`: three operations whatever the number of
+    adapters). While every adapter here is merged, the layer is a :class:`MergedLoRALinear`.
     """
 
     def leaf(self, name: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -49,6 +53,8 @@ class LoRALinear(AdapterLinear):
         plan = self.active_plan()
         if plan is None:
             return self.base_forward(x)
+        if CACHE in self.__dict__ and torch.is_grad_enabled():
+            self.clear_gathered()  # a training step may follow (fused optimizers write without a version bump)
         if type(plan) is Leaf:
             module = self._modules["adapters"]._modules[plan.name]
             if module.scales_input:  # IA3 on the input, alone: the base on l ⊙ x
@@ -62,6 +68,10 @@ class LoRALinear(AdapterLinear):
             # one adapter: y is ours, so it is updated in place; .forward skips the module-call
             # machinery (adapter modules carry no hooks)
             return module.forward(x, self.base_forward(x), self, True)
+        if type(plan) in ROUTED and not torch.is_grad_enabled():  # several adapters, one per row
+            out = gathered_forward(self, plan, x)
+            if out is not None:
+                return out
         return self.run_plan(plan, (self.base_forward(x), x))
 
     def _straight_line(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -79,9 +89,57 @@ class LoRALinear(AdapterLinear):
             y2.addmm_(h2, lora_b.t(), alpha=scaling)
         return y2.view(*x.shape[:-1], self.out_features)
 
+    # -- derived state: the gathered stacks, the merged class ------------------------------------
+    def clear_gathered(self) -> None:
+        """Drop the stacked weights of the gathered path (rebuilt on the next routed call)."""
+        self.__dict__.pop(CACHE, None)
+
+    def _sync_merged_class(self) -> None:
+        """Be a :class:`MergedLoRALinear` exactly while every adapter here is merged (then every valid setup's
+        plan here is ``None``: merged adapters are pruned from plans, and no other adapter is hosted)."""
+        merged = self.__dict__.get("_merged_names", ())
+        fully = self._backup is not None and len(self.adapters) > 0 and all(n in merged for n in self.adapters)
+        cls = MergedLoRALinear if fully else LoRALinear
+        if type(self) is not cls:
+            self.__class__ = cls
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:  # .to(), .cuda(), .half(): stacks are stale
+        self.clear_gathered()
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> nn.Module:  # model.train() / .eval(): a training loop's boundaries
+        self.clear_gathered()
+        return super().train(mode)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        if CACHE in state:  # a cache of derived weights: pickles and deep copies rebuild it
+            state = {k: v for k, v in state.items() if k != CACHE}
+        return state
+
     # -- adapters --------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoRAConfig, site: AttachSite) -> None:
         self.adapters[name] = self._build(config, site, None, "")
+        self.clear_gathered()
+        self._sync_merged_class()
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.clear_gathered()
+        self._sync_merged_class()
+
+    def load_adapter_state_dict(self, name: str, state: Any) -> None:
+        super().load_adapter_state_dict(name, state)
+        self.clear_gathered()
+
+    def hotswap_values(self, source: str, target: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What :func:`adapters.hotswap.hotswap_adapter` writes to give adapter ``target`` the weights of
+        ``source`` in place: ``(parameter of target, new value)`` pairs; a smaller rank is zero-padded and its
+        scaling folded into ``B`` (see :func:`.hotswap.hotswap_values`).
+
+        :raises AdapterError: the two differ in kind, rows, gate or shape, or ``source`` has the larger rank.
+        """
+        return hotswap_values(self, source, target)
 
     def add_fused_or_plain(self, name: str, config: LoRAConfig, site: AttachSite, rows: Rows,
                            which: str | None, scales_input: bool = False) -> None:
@@ -90,13 +148,14 @@ class LoRALinear(AdapterLinear):
         if scales_input:
             self.adapters[name] = IA3InputScale(config, self.in_features, self.out_features,
                                                 self.adapter_dtype(site, config), self.weight.device, self.location)
-            return
-        if which is None:
-            self.add_adapter(name, config, site)
-            return
-        if name not in self.adapters:
-            self.adapters[name] = FusedParts()
-        self.adapters[name].parts[which] = self._build(config, site, rows, which)
+        elif which is None:
+            self.adapters[name] = self._build(config, site, None, "")
+        else:
+            if name not in self.adapters:
+                self.adapters[name] = FusedParts()
+            self.adapters[name].parts[which] = self._build(config, site, rows, which)
+        self.clear_gathered()
+        self._sync_merged_class()
 
     def _build(self, config: LoRAConfig, site: AttachSite, rows: Rows, which: str) -> nn.Module:
         dtype = self.adapter_dtype(site, config)
@@ -134,6 +193,7 @@ class LoRALinear(AdapterLinear):
                         raise AdapterError(f"share_parameters: {attr} of '{name}' and '{reference}' differ in shape "
                                            f"at {self.location}.")
                     setattr(unit, attr, getattr(ref, attr))
+        self.clear_gathered()
 
     def unshare_parameters(self, names: list[str]) -> None:
         """Give each adapter in ``names`` its own copy of its shareable parameters."""
@@ -142,6 +202,7 @@ class LoRALinear(AdapterLinear):
                 for attr in unit.shareable:
                     old = getattr(unit, attr)
                     setattr(unit, attr, nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad))
+        self.clear_gathered()
 
     # -- averaging -------------------------------------------------------------------------------
     def average_adapter(self, name: str, sources: list[tuple[str, float]], combine_strategy: str,
@@ -237,14 +298,20 @@ class LoRALinear(AdapterLinear):
                 self.unmerge_adapter(name)
             raise
         self.__dict__["_merged_dora"] = dora
+        self.__dict__["_merged_names"] = (*self.__dict__.get("_merged_names", ()), name)
+        self._sync_merged_class()
 
     def unmerge_adapter(self, name: str) -> None:
-        super().unmerge_adapter(name)
+        super().unmerge_adapter(name)  # restores the original weights: nothing is merged here any more
         self.__dict__["_merged_dora"] = False
+        self.__dict__["_merged_names"] = ()
+        self._sync_merged_class()
 
     def keep_merged(self) -> None:
         super().keep_merged()
         self.__dict__["_merged_dora"] = False
+        self.__dict__["_merged_names"] = ()
+        self._sync_merged_class()
 
     def _merge_unit(self, module: nn.Module) -> None:
         if module.gate is not None:
@@ -265,3 +332,18 @@ class LoRALinear(AdapterLinear):
             else:
                 new_w = w + module.delta_weight()
             self.write_weight_rows(rows, new_w)
+
+
+class MergedLoRALinear(LoRALinear):
+    """A :class:`LoRALinear` whose every adapter is merged into its weights: its ``forward`` is the wrapped
+    module's computation itself (:meth:`~adapters.plugin.AdapterLinear.base_forward`: one ``F.linear`` on the
+    shared weight and bias, GPT-2's ``addmm``, or the quantized module's call), with no plan lookup on the path.
+
+    Same module, state dict, adapters and merge bookkeeping as a :class:`LoRALinear`; the layer switches
+    class (``LoRALinear._sync_merged_class``) when a merge, reset, ``merge_and_unload``, or an adapter added
+    or deleted here changes whether everything here is merged. Every setup valid while merged has no plan
+    here (merged adapters are pruned from plans, and nothing else is hosted), so nothing is skipped.
+    Pickles, deep copies and ``nn.DataParallel`` replicas keep the class.
+    """
+
+    forward = AdapterLinear.base_forward
