@@ -226,3 +226,186 @@ def test_import_adapters_does_not_import_triton() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+# ------------------------------------------------------------------------------------------ bottleneck
+from adapters_bottleneck import fused as bn_fused  # noqa: E402
+from adapters_bottleneck.config import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: E402
+from adapters_bottleneck.units import Bottleneck  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _bn_forced():
+    previous = bn_fused.set_fused_mode("force")
+    yield
+    bn_fused.set_fused_mode(previous)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _bottleneck(config: BnConfig, hidden: int, dtype: torch.dtype, seed: int = 0) -> Bottleneck:
+    module = Bottleneck(config, hidden, max(1, int(hidden // config.reduction_factor)), dtype, None)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen).to(dtype) * 0.3)
+    return module
+
+
+def _bn_grads(run, module, h, x, g):
+    for t in (h, x, *module.parameters()):
+        t.grad = None
+    out = run()
+    assert out is not None, "the fused path was not taken"
+    out.backward(g)
+    return [out.detach(), h.grad, x.grad] + [p.grad for p in module.parameters()]
+
+
+BN_CASES = [  # (config, dtype): each input form, every activation the kernel has, a scale other than 1
+    (SeqBnConfig(), torch.float32),  # sum: h + up(relu(down(h + x)))
+    (ParBnConfig(reduction_factor=4), torch.float32),  # parallel, scale 4
+    (DoubleSeqBnConfig(), torch.float32),  # self, swish (only the output adapter runs here)
+    (SeqBnConfig(non_linearity="gelu"), torch.bfloat16),
+    (SeqBnConfig(non_linearity="gelu_new", scaling=0.5), torch.float32),
+    (SeqBnConfig(non_linearity="identity", reduction_factor=2), torch.float32),
+]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # numpy in the interpreter
+@pytest.mark.parametrize("config, dtype", BN_CASES, ids=lambda v: getattr(v, "non_linearity", str(v)))
+def test_bottleneck_matches_plain_path(config, dtype) -> None:
+    """Forward and the gradients of h, x and the four weights against :class:`Bottleneck`'s own forward."""
+    module = _bottleneck(config, 80, dtype)
+    gen = torch.Generator().manual_seed(1)
+    h, x, g = (torch.randn(2, 37, 80, generator=gen).to(dtype) for _ in range(3))
+    h.requires_grad_()
+    x.requires_grad_()
+    got = _bn_grads(lambda: bn_fused.bottleneck(module, h, x, True), module, h, x, g)
+    want = _bn_grads(lambda: module(h, x, _identity), module, h, x, g)
+    for a, b in zip(got, want):
+        if b is None:  # "self": x is not an input
+            assert a is None
+            continue
+        _close(a, b, dtype)
+
+
+def test_bottleneck_declines_what_it_does_not_cover() -> None:
+    h = torch.randn(2, 4, 32, requires_grad=True)
+    x = torch.randn(2, 4, 32)
+    assert bn_fused.bottleneck(_bottleneck(SeqBnConfig(), 32, torch.float32), h, x, False) is None  # a real norm
+    for config in (SeqBnConfig(ln_before=True), SeqBnConfig(use_gating=True), SeqBnConfig(scaling="learned"),
+                   SeqBnConfig(non_linearity="tanh"), SeqBnConfig(residual_before_ln="post_add"),
+                   SeqBnConfig(phm_layer=True, reduction_factor=4), SeqBnConfig(reduction_factor=0.2)):  # 160 > 128
+        assert bn_fused.bottleneck(_bottleneck(config, 32, torch.float32), h, x, True) is None, config
+    dropout = _bottleneck(SeqBnConfig(dropout=0.1), 32, torch.float32)
+    assert bn_fused.bottleneck(dropout, h, x, True) is None  # training: dropout runs
+    assert bn_fused.bottleneck(dropout.eval(), h, x, True) is not None  # eval: no dropout to run
+    assert bn_fused.bottleneck(_bottleneck(SeqBnConfig(), 32, torch.float32), h, None, True) is None  # no residual
+    bn_fused.set_fused_mode("auto")  # CPU tensors
+    assert bn_fused.bottleneck(_bottleneck(SeqBnConfig(), 32, torch.float32), h, x, True) is None
+
+
+def test_bottleneck_under_compile() -> None:
+    module = _bottleneck(SeqBnConfig(), 48, torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    h, x, g = (torch.randn(20, 48, generator=gen) for _ in range(3))
+    h.requires_grad_()
+    x.requires_grad_()
+    params = list(module.parameters())
+
+    def loss(h, x):
+        return (bn_fused.bottleneck(module, h, x, True) * g).sin().sum()
+
+    def plain_loss(h, x):
+        return (module(h, x, _identity) * g).sin().sum()
+
+    want = torch.autograd.grad(plain_loss(h, x), (h, x, *params))
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    before = bn_fused.LAUNCHES[0]
+    got = torch.autograd.grad(compiled(h, x), (h, x, *params))
+    assert bn_fused.LAUNCHES[0] - before == 2
+    for a, b in zip(got, want):
+        _close(a, b, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ in a model
+def _tiny_qwen3(config_lora: str, config_bn: str):
+    import adapters
+    from adapters import Stack
+    from adapters.testing import tiny_model
+
+    model = adapters.init(tiny_model("qwen3"))
+    model.add_adapter("lora", config=config_lora)
+    model.add_adapter("bn", config=config_bn)
+    model.train_adapter(Stack("lora", "bn"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_model_training_step_matches_plain(checkpointing) -> None:
+    """LoRA on every projection and seq_bn in a tiny Qwen3: the fused step's loss and every adapter
+    gradient equal the plain step's (``ADAPTERS_FUSED=0``), with and without gradient checkpointing."""
+    model = _tiny_qwen3("lora[r=4, alpha=8, attn_matrices=['q','k','v','o'], intermediate_lora=True, "
+                        "output_lora=True]", "seq_bn")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    gen = torch.Generator().manual_seed(3)
+    embeds = torch.randn(2, 6, model.config.hidden_size, generator=gen)
+    probe = torch.randn(2, 6, model.config.hidden_size, generator=gen)  # the final norm makes ‖out‖² constant
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        x = embeds.clone().requires_grad_()
+        loss = (model(inputs_embeds=x).last_hidden_state * probe).sum()
+        return (loss, *torch.autograd.grad(loss, [x, *params]))
+
+    assert fused._kernels_ok(embeds) and bn_fused._kernels_ok(embeds)  # first-use checks before counting
+    launches = fused.LAUNCHES[0], bn_fused.LAUNCHES[0]
+    got = step()
+    layers = model.config.num_hidden_layers
+    # 6 LoRA projections (q, k, v, o, up, down) and one bottleneck per layer, forward + backward,
+    # and the recomputed forward under checkpointing
+    passes = 3 if checkpointing else 2
+    assert fused.LAUNCHES[0] - launches[0] == 6 * layers * passes
+    assert bn_fused.LAUNCHES[0] - launches[1] == layers * passes
+    fused.set_fused_mode("0")
+    bn_fused.set_fused_mode("0")
+    want = step()
+    for a, b in zip(got, want):
+        _close(a.detach(), b.detach(), torch.float32)
+
+
+def test_model_launches_saved(monkeypatch) -> None:
+    """ATen operations per adapted site in a tiny Qwen3, against the frozen base, with the launches
+    replaced by counters: LoRA (scaling 2) adds 2 forward and 7 backward on the plain path, 0 + 1 kernel
+    forward and 2 + 1 kernel backward fused; seq_bn adds 5 and 9 plain, 0 + 1 kernel and 5 + 1 kernel
+    fused (two ``mm``, two ``sum``, the residual stream's gradient ``add``)."""
+    from adapters.testing import count_step_ops, frozen_base_step_ops
+
+    embeds, base_infer, base_train = frozen_base_step_ops("qwen3")
+    fused.set_fused_mode("0")
+    bn_fused.set_fused_mode("0")
+    model = _tiny_qwen3("lora[r=4, alpha=8]", "seq_bn")  # LoRA on q and v
+    layers = model.config.num_hidden_layers
+    sites_lora, sites_bn = 2 * layers, layers
+    plain = count_step_ops(model, embeds, False) - base_infer, count_step_ops(model, embeds, True) - base_train
+    assert plain == ((2 * sites_lora + 5 * sites_bn), (2 + 7) * sites_lora + (5 + 9) * sites_bn)
+    fused.set_fused_mode("force")
+    bn_fused.set_fused_mode("force")
+    lora_calls, bn_calls = _launch_counter(monkeypatch, fused), _launch_counter(monkeypatch, bn_fused)
+    for p in model.parameters():
+        p.grad = None  # the plain step's gradients would be accumulated into (one add_ per parameter)
+    forward = count_step_ops(model, embeds, False) - base_infer  # no gradients: the plain path
+    assert forward == plain[0] and lora_calls[0] == bn_calls[0] == 0
+    training = count_step_ops(model, embeds, True) - base_train
+    assert lora_calls[0] == 2 * sites_lora and bn_calls[0] == 2 * sites_bn
+    assert training == 2 * sites_lora + 5 * sites_bn  # ATen operations; plus one kernel per site and pass

@@ -39,6 +39,7 @@ __all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "bottleneck", "fo
 _MODE = "auto"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BOTTLENECK = 128
+_PLAIN = (torch.Tensor, nn.Parameter)
 LAUNCHES = [0]  # Triton kernel launches since import (tests, benchmarks)
 _HAS_TRITON: bool | None = None
 _CHECKED: dict[tuple[str, int | None, torch.dtype], bool] = {}
@@ -387,8 +388,9 @@ def bottleneck(adapter: nn.Module, h: torch.Tensor, x: torch.Tensor | None,
     scale = adapter.scale_value
     if torch.compiler.is_compiling():
         out = torch.ops.adapters_bottleneck.bottleneck_fwd(h2, x2, wd, bd, wu, bu, scale, act, mode)[0]
-    elif torch._C._are_functorch_transforms_active() or not _kernels_ok(h2):
-        return None
+    elif (torch._C._are_functorch_transforms_active() or not all(type(t) in _PLAIN for t in (h2, wd, wu))
+          or (x2 is not None and type(x2) not in _PLAIN) or not _kernels_ok(h2)):
+        return None  # functorch transforms and tensor subclasses keep the plain path
     else:
         out = _FusedBottleneck.apply(h2, x2, wd, bd, wu, bu, scale, act, mode)
     return out.view(h.shape)

@@ -43,6 +43,7 @@ from adapters.plugin import (
     frame_child,
 )
 
+from . import fused
 from .config import AdapterFusionConfig, BnConfig
 from .units import Bottleneck, FusionLayer, PHMLinear, PHMRule, PHMWeight, activation, need_residual
 
@@ -205,7 +206,10 @@ class BottleneckLayer(AdapterLayer):
     def run_adapter(self, name: str, h: torch.Tensor, x: torch.Tensor | None, norm: Norm,
                     final_space: bool) -> torch.Tensor:
         """Adapter ``name`` on ``(h, x)``, in the layer's output convention (see :meth:`final_space`)."""
-        out = self.adapters[name](h, x, norm)
+        adapter = self.adapters[name]
+        out = fused.bottleneck(adapter, h, x, norm is _identity)  # training on CUDA with Triton (None: not covered)
+        if out is None:
+            out = adapter(h, x, norm)
         if final_space and self.configs[name].original_ln_after:
             out = norm(out + need_residual(x))
         return out

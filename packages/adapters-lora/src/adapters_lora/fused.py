@@ -41,6 +41,7 @@ _OFF = {"0", "off", "false", "no"}
 _MODE = os.environ.get("ADAPTERS_FUSED", "auto").strip().lower() or "auto"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_RANK = 128
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 #: Triton kernel launches since import (a counter for tests and benchmarks; one ``+= 1`` per launch)
 LAUNCHES = [0]
 _HAS_TRITON: bool | None = None
@@ -301,6 +302,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return None
     if torch.compiler.is_compiling():
         return torch.ops.adapters_lora.lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling)[0]
-    if torch._C._are_functorch_transforms_active() or not _kernels_ok(x):
-        return None
+    if (torch._C._are_functorch_transforms_active() or not all(type(t) in _PLAIN for t in (x, weight, lora_a, lora_b))
+            or not _kernels_ok(x)):
+        return None  # functorch transforms and tensor subclasses (DTensor, quantized) keep the plain path
     return _FusedLoRA.apply(x, weight, bias, lora_a, lora_b, scaling)

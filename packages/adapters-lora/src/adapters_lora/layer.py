@@ -27,6 +27,7 @@ from adapters.plugin import (
     row_index,
 )
 
+from . import fused
 from .config import LoRAConfig
 from .deltas import DoRADelta, IA3InputScale, IA3Scale, LoRADelta, MTLLoRADelta
 from .gathered import CACHE, ROUTED, gathered_forward
@@ -81,6 +82,10 @@ class LoRALinear(AdapterLinear):
         (no per-linear view nodes); a frozen W's transpose records nothing."""
         weight, bias = param(self, "weight"), param(self, "bias")
         x2 = x.reshape(-1, self.in_features)
+        if torch.is_grad_enabled():  # training on CUDA with Triton: the fused kernels (None: not covered)
+            y2 = fused.lora_linear(x2, weight, bias, lora_a, lora_b, scaling)
+            if y2 is not None:
+                return y2.view(*x.shape[:-1], self.out_features)
         y2 = x2.mm(weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
         h2 = x2.mm(lora_a.t())
         if torch.is_grad_enabled():
