@@ -106,11 +106,17 @@ def _kernel() -> Any:
     return _KERNEL
 
 
+_PROGRAMS: dict[int | None, int] = {}
+
+
 def _programs(device: torch.device) -> int:
     """How many programs a launch should have to fill ``device`` (small on CPU, so tests exercise splits)."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    if device.type != "cuda":
+        return 4
+    count = _PROGRAMS.get(device.index)
+    if count is None:
+        count = _PROGRAMS[device.index] = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return count
 
 
 def _next_pow2(n: int) -> int:
