@@ -378,7 +378,7 @@ def bottleneck(adapter: nn.Module, h: torch.Tensor, x: torch.Tensor | None,
     mode = _mode_of(adapter, norm_is_identity)
     wd, bd, wu, bu = down.weight, down.bias, up.weight, up.bias
     dtype = h.dtype
-    if (act is None or mode is None or dtype not in _DTYPES or wd.shape[0] > _MAX_BOTTLENECK
+    if (act is None or mode is None or dtype not in _DTYPES or wd.shape[0] > _MAX_BOTTLENECK or h.numel() >= 2**31
             or any(t.dtype != dtype for t in (wd, bd, wu, bu))):
         return None
     if mode != "self" and (x is None or x.shape != h.shape or x.dtype != dtype):

@@ -41,6 +41,7 @@ _OFF = {"0", "off", "false", "no"}
 _MODE = os.environ.get("ADAPTERS_FUSED", "auto").strip().lower() or "auto"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_RANK = 128
+_INT32 = 2**31
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 #: Triton kernel launches since import (a counter for tests and benchmarks; one ``+= 1`` per launch)
 LAUNCHES = [0]
@@ -302,8 +303,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return None
     dtype = x.dtype
     if (dtype not in _DTYPES or weight.dtype != dtype or lora_a.dtype != dtype or lora_b.dtype != dtype
-            or lora_a.shape[0] > _MAX_RANK or x.dim() != 2):
-        return None
+            or lora_a.shape[0] > _MAX_RANK or x.dim() != 2 or x.shape[0] * max(x.shape[1], weight.shape[0]) >= _INT32):
+        return None  # (offsets inside the kernels are 32-bit)
     if bias is not None and (bias.requires_grad or bias.dtype != dtype):
         return None
     if torch.compiler.is_compiling():
