@@ -1,7 +1,8 @@
 """The fused training kernels (issue #23) under Triton's CPU interpreter, against the plain torch path.
 
-``TRITON_INTERPRET=1`` is set in this process before the kernels are imported (they are imported on
-first use only), and ``ADAPTERS_FUSED=force`` (:func:`set_fused_mode`) selects the fused path for CPU
+``TRITON_INTERPRET=1`` is set while this module's tests run (Triton reads it when a kernel is defined,
+and the kernels are imported on first use only, inside these tests; other modules run without it), and
+``ADAPTERS_FUSED=force`` (:func:`set_fused_mode`) selects the fused path for CPU
 tensors. Every test compares the forward output and every gradient with the plain path's operations;
 the op-count tests replace the Triton launch by a counter and count the ATen operations around it.
 Shapes are tiny (the interpreter runs a kernel's programs in Python).
@@ -16,7 +17,6 @@ import sys
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports the kernels
 pytest.importorskip("triton")
 
 from adapters.testing import count_kernel_ops
@@ -25,8 +25,20 @@ from adapters_lora import fused
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter():
+    """Triton's CPU interpreter for this module (set before the kernels are first imported, restored after)."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
+
+
 @pytest.fixture(autouse=True)
-def _forced():
+def _forced(_interpreter):
     previous = fused.set_fused_mode("force")
     yield
     fused.set_fused_mode(previous)
@@ -235,7 +247,7 @@ from adapters_bottleneck.units import Bottleneck  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _bn_forced():
+def _bn_forced(_interpreter):
     previous = bn_fused.set_fused_mode("force")
     yield
     bn_fused.set_fused_mode(previous)

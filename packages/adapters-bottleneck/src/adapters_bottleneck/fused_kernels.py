@@ -29,16 +29,23 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 
 @triton.jit
+def _sigmoid(t):
+    # written out rather than tl.sigmoid: Triton's own @jit helpers are interpreted only when TRITON_INTERPRET
+    # was set before triton was imported; the kernels here use builtins and their own helpers only
+    return 1.0 / (1.0 + tl.exp(-t))
+
+
+@triton.jit
 def _act(pre, ACT: tl.constexpr):
     if ACT == 1:
         return tl.maximum(pre, 0.0)
     elif ACT == 2:
-        return pre * tl.sigmoid(pre)
+        return pre * _sigmoid(pre)
     elif ACT == 3:
         return 0.5 * pre * (1.0 + tl.math.erf(pre * _INV_SQRT_2))
     elif ACT == 4:
         inner = _SQRT_2_OVER_PI * (pre + 0.044715 * pre * pre * pre)
-        return 0.5 * pre * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+        return 0.5 * pre * (1.0 + (2.0 * _sigmoid(2.0 * inner) - 1.0))
     else:
         return pre
 
@@ -48,13 +55,13 @@ def _act_grad(pre, ACT: tl.constexpr):
     if ACT == 1:
         return tl.where(pre > 0.0, 1.0, 0.0)
     elif ACT == 2:
-        sig = tl.sigmoid(pre)
+        sig = _sigmoid(pre)
         return sig * (1.0 + pre * (1.0 - sig))
     elif ACT == 3:
         return 0.5 * (1.0 + tl.math.erf(pre * _INV_SQRT_2)) + pre * _INV_SQRT_2PI * tl.exp(-0.5 * pre * pre)
     elif ACT == 4:
         inner = _SQRT_2_OVER_PI * (pre + 0.044715 * pre * pre * pre)
-        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        t = 2.0 * _sigmoid(2.0 * inner) - 1.0
         return 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * pre * pre)
     else:
         return pre * 0.0 + 1.0
@@ -88,7 +95,7 @@ def bottleneck_fwd(
     feats = tl.arange(0, BD)
     row_ok = rows < M
     feat_ok = feats < D
-    acc = tl.zeros((BM, BD), dtype=tl.float32)
+    acc = tl.full((BM, BD), 0.0, tl.float32)
     for k0 in range(0, H, BK):
         cols = k0 + tl.arange(0, BK)
         mask = row_ok[:, None] & (cols[None, :] < H)
@@ -136,7 +143,7 @@ def bottleneck_bwd(
     feats = tl.arange(0, BD)
     row_ok = rows < M
     feat_ok = feats < D
-    acc = tl.zeros((BM, BD), dtype=tl.float32)
+    acc = tl.full((BM, BD), 0.0, tl.float32)
     for n0 in range(0, H, BN):
         cols = n0 + tl.arange(0, BN)
         gv = tl.load(g + rows[:, None] * s_g0 + cols[None, :] * s_g1, mask=row_ok[:, None] & (cols[None, :] < H),

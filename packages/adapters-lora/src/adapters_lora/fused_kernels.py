@@ -47,7 +47,7 @@ def low_rank_add(
     ranks = tl.arange(0, BR)
     row_ok = rows < M
     rank_ok = ranks < R
-    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    acc = tl.full((BM, BR), 0.0, tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         col_ok = cols < K
