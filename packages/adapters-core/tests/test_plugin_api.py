@@ -21,7 +21,8 @@ EXPECTED = sorted([
     "default_name", "detect_format", "embedding_tensors", "head_tensors", "layer_index", "layer_indices",
     "match_module", "module_targets", "read_config", "read_json", "read_tensors", "rows_of",
     "ALL_LINEAR", "check_module_fields", "select_modules", "target_config", "local_module_path", "task_model_path",
-    "names_match",
+    "names_match", "PEFT_PREFIX", "PEFT_WEIGHTS", "PEFT_WEIGHTS_PT", "peft_weights_path",
+    "pattern_value",
     "adapter_dtype_at",
 ])
 

@@ -17,12 +17,17 @@ from .checkpoint_io import CONFIG_FILE, detect_format, read_json, read_tensors
 from .errors import CheckpointError
 from .points import FusedQKV
 
-__all__ = ["Target", "module_targets", "match_module", "local_module_path", "task_model_path", "rows_of",
+__all__ = ["PEFT_WEIGHTS", "PEFT_WEIGHTS_PT", "PEFT_PREFIX", "peft_weights_path",
+           "Target", "module_targets", "match_module", "local_module_path", "task_model_path", "rows_of",
            "layer_index", "default_name",
            "check_model_type", "layer_indices", "read_config", "adapterhub_directory", "read_json", "read_tensors",
            "AH_WEIGHTS", "AH_WEIGHTS_ST"]
 
 AH_WEIGHTS = "pytorch_adapter.bin"
+#: PEFT's weights files (safetensors first) and the prefix of every tensor key (``PeftModel`` over the model)
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_WEIGHTS_PT = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
 AH_WEIGHTS_ST = "adapter.safetensors"
 
 #: What a module path of the foreign format can be on our model.
@@ -47,21 +52,9 @@ def module_targets(model: nn.Module) -> dict[str, Target]:
     state = getattr(model, "_adapters_state", None)
     if state is None:
         raise CheckpointError("This model was not prepared for adapters; call adapters.init(model) first.")
-    out: dict[str, Target] = {}
-    for lp in state.points.layers:
-        for attn in (lp.self_attn, lp.cross_attn):
-            if attn is None:
-                continue
-            for which in ("q", "k", "v", "qkv", "o"):
-                point = attn.projection(which)
-                if point is not None:
-                    out[point.path] = Target(point.location, which, lp.index, point.path,
-                                             attn.fused if which == "qkv" else None)
-        for which in ("intermediate", "output"):
-            point = getattr(lp, which)
-            if point is not None:
-                out[point.path] = Target(point.location, which, lp.index, point.path)
-    return out
+    return {point.path: Target(point.location, which, lp.index, point.path,
+                               attn.fused if which == "qkv" else None)
+            for lp, which, point, attn in state.points.projections()}
 
 
 def match_module(targets: dict[str, Target], path: str, base_path: str) -> Target | None:
@@ -81,6 +74,17 @@ def match_module(targets: dict[str, Target], path: str, base_path: str) -> Targe
         if base_path and f"{base_path}.{rest}" in targets:
             return targets[f"{base_path}.{rest}"]
     return None
+
+
+def peft_weights_path(directory: str) -> str:
+    """The weights file of the PEFT adapter in ``directory`` (``adapter_model.safetensors``, else ``.bin``).
+
+    :raises CheckpointError: neither exists."""
+    for name in (PEFT_WEIGHTS, PEFT_WEIGHTS_PT):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return path
+    raise CheckpointError(f"{directory} has a PEFT {CONFIG_FILE} but no {PEFT_WEIGHTS}.")
 
 
 def local_module_path(model: nn.Module, path: str) -> str | None:

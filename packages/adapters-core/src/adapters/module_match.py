@@ -135,19 +135,7 @@ def pattern_value(patterns: dict[str, Any], names: tuple[str, ...], default: Any
 
 def interface_locations(points: ModelPoints) -> dict[str, str]:
     """Location key of every projection hook point of the interface, by module path."""
-    out: dict[str, str] = {}
-    for lp in points.layers:
-        for attn in (lp.self_attn, lp.cross_attn):
-            if attn is None:
-                continue
-            for which in ("q", "k", "v", "qkv", "o"):
-                point = attn.projection(which)
-                if point is not None:
-                    out[point.path] = point.location
-        for point in (lp.intermediate, lp.output):
-            if point is not None:
-                out[point.path] = point.location
-    return out
+    return {point.path: point.location for _, _, point, _ in points.projections()}
 
 
 def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, nn.Module, str]]:

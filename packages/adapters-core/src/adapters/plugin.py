@@ -25,6 +25,9 @@ from .checkpoint_io import (
 from .context import ForwardContext, current_context
 from .errors import AdapterError, CheckpointError, CompositionError
 from .foreign import (
+    PEFT_PREFIX,
+    PEFT_WEIGHTS,
+    PEFT_WEIGHTS_PT,
     Target,
     adapterhub_directory,
     check_model_type,
@@ -34,6 +37,7 @@ from .foreign import (
     local_module_path,
     match_module,
     module_targets,
+    peft_weights_path,
     read_config,
     rows_of,
     task_model_path,
@@ -43,7 +47,7 @@ from .hookspecs import PLUGIN_API_VERSION, hookimpl
 from .interface import AdapterModelInterface
 from .linear import AdapterLinear, FusedParts, Rows, count_rows, is_linear_like, param, row_index
 from .method import ALL_BLOCKS, AdapterConfig, AdapterLayer, AdapterMethod, AttachSite, ConfigUnion
-from .module_match import ALL_LINEAR, check_module_fields, names_match, select_modules
+from .module_match import ALL_LINEAR, check_module_fields, names_match, pattern_value, select_modules
 from .plan import (
     IDENTITY,
     AveragePlan,
@@ -67,6 +71,11 @@ from .targets import LINEAR_HOOK_POINTS, LinearTarget, check_linear_placement, l
 
 __all__ = [
     "CONFIG_FILE",
+    "PEFT_PREFIX",
+    "PEFT_WEIGHTS",
+    "PEFT_WEIGHTS_PT",
+    "peft_weights_path",
+    "pattern_value",
     "LoadedCheckpoint",
     "Target",
     "adapterhub_directory",

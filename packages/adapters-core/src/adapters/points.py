@@ -13,6 +13,7 @@ and the same model with a task head.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -205,6 +206,23 @@ class ModelPoints:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def projections(self) -> Iterator[tuple[LayerPoints, str, ModulePoint, AttentionPoints | None]]:
+        """Every projection hook point: ``(layer, kind, point, attention)`` with ``kind`` one of ``q``, ``k``,
+        ``v``, ``qkv``, ``o`` (self- and cross-attention; ``attention`` the one holding it), ``intermediate``,
+        ``output`` (``attention`` ``None``)."""
+        for lp in self.layers:
+            for attn in (lp.self_attn, lp.cross_attn):
+                if attn is None:
+                    continue
+                for which in ("q", "k", "v", "qkv", "o"):
+                    point = attn.projection(which)
+                    if point is not None:
+                        yield lp, which, point, attn
+            for which in ("intermediate", "output"):
+                point = getattr(lp, which)
+                if point is not None:
+                    yield lp, which, point, None
 
     @property
     def hidden_size(self) -> int | None:

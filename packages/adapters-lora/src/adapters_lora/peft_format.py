@@ -33,6 +33,9 @@ from torch import nn
 
 from adapters.plugin import (
     CONFIG_FILE,
+    PEFT_PREFIX,
+    PEFT_WEIGHTS,
+    PEFT_WEIGHTS_PT,
     AdapterError,
     CheckpointError,
     LoadedCheckpoint,
@@ -40,6 +43,8 @@ from adapters.plugin import (
     embedding_tensors,
     head_tensors,
     local_module_path,
+    pattern_value,
+    peft_weights_path,
     read_config,
     read_tensors,
     rows_of,
@@ -51,9 +56,7 @@ from .config import IA3Config, LoRAConfig
 
 __all__ = ["PEFT_WEIGHTS", "PEFT_WEIGHTS_PT", "read_peft", "save_peft"]
 
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_WEIGHTS_PT = "adapter_model.bin"
-PREFIX = "base_model.model."
+PREFIX = PEFT_PREFIX
 #: PEFT tensor suffix -> (our tensor name, whether it belongs to an embedding)
 SUFFIXES = {"lora_A.weight": ("lora_A", False), "lora_B.weight": ("lora_B", False),
             "lora_magnitude_vector": ("magnitude", False), "lora_embedding_A": ("lora_A", True),
@@ -160,11 +163,7 @@ def read_peft(directory: str) -> LoadedCheckpoint | None:
         return None  # another method's reader may know it (VERA: adapters-vera)
     ia3 = cfg["peft_type"] == "IA3"
     _check_options(cfg_path, cfg)
-    existing = [os.path.join(directory, f) for f in (PEFT_WEIGHTS, PEFT_WEIGHTS_PT)
-                if os.path.exists(os.path.join(directory, f))]
-    if not existing:
-        raise CheckpointError(f"{directory} has a PEFT {CONFIG_FILE} but no {PEFT_WEIGHTS}.")
-    weights_path = existing[0]
+    weights_path = peft_weights_path(directory)
     modules, embeddings, whole = _split(weights_path, read_tensors(weights_path), cfg.get("modules_to_save") or [], ia3)
     use_dora = bool(cfg.get("use_dora", False))
     _check_shapes(weights_path, modules, embeddings, use_dora, ia3)
@@ -178,20 +177,6 @@ def read_peft(directory: str) -> LoadedCheckpoint | None:
     return LoadedCheckpoint(name=name, config=None, tensors={}, meta={"format": "peft", "name": name,
                                                                       "peft_config": cfg},
                             source=directory, resolve=resolve)
-
-
-def _peft_pattern(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's per-module value: the first key equal to the path, a dotted suffix of it, or a regular
-    expression matching its end."""
-    for key, value in patterns.items():
-        if path == key or path.endswith("." + key):
-            return value
-        try:
-            if re.fullmatch(rf"(.*\.)?{key}", path):
-                return value
-        except re.error:
-            continue
-    return default
 
 
 def _resolve(model: nn.Module, cfg: dict[str, Any], modules: dict[str, dict[str, torch.Tensor]], embeddings: set[str],
@@ -218,7 +203,9 @@ def _resolve(model: nn.Module, cfg: dict[str, Any], modules: dict[str, dict[str,
     else:
         ranks = {path: parts["lora_A"].shape[0] for path, parts in modules.items()}
         alpha = cfg.get("lora_alpha", 8)
-        alphas = {path: _peft_pattern(cfg.get("alpha_pattern") or {}, path, alpha) for path in modules}
+        # PEFT's per-module value: the first key equal to the path, a dotted suffix of it, or a regular
+        # expression matching its end (what pattern_value does)
+        alphas = {path: pattern_value(cfg.get("alpha_pattern") or {}, (path,), alpha) for path in modules}
         counts = Counter(ranks.values())
         r = max(counts, key=lambda k: (counts[k], k))
         try:

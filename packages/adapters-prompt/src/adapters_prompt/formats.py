@@ -18,7 +18,6 @@ AdapterHub 1.x (``architecture: "prefix_tuning"``)
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
@@ -32,6 +31,7 @@ from adapters.plugin import (
     check_model_type,
     default_name,
     layer_indices,
+    peft_weights_path,
     read_config,
     read_tensors,
 )
@@ -40,7 +40,6 @@ from .config import PrefixTuningConfig, PromptTuningConfig
 
 __all__ = ["read_peft_prompt_learning", "read_adapterhub_prefix"]
 
-_PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PEFT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING")
 _CROSS_MARKERS = ("crossattention", "encdecattention", "encoder_attn", "cross_attn")
 
@@ -64,9 +63,7 @@ def read_peft_prompt_learning(directory: str) -> LoadedCheckpoint | None:
     if int(cfg.get("num_transformer_submodules") or 1) != 1:
         raise CheckpointError(f"{cfg_path}: a PEFT {kind} checkpoint of an encoder-decoder model (prompts for "
                               "encoder and decoder) cannot be loaded; prompts on one stack are supported.")
-    weights = [os.path.join(directory, f) for f in _PEFT_WEIGHTS if os.path.exists(os.path.join(directory, f))]
-    if not weights:
-        raise CheckpointError(f"{directory} has a PEFT adapter_config.json but no {_PEFT_WEIGHTS[0]}.")
+    weights = [peft_weights_path(directory)]
     tensors = read_tensors(weights[0])
     if set(tensors) != {"prompt_embeddings"}:
         raise CheckpointError(f"{weights[0]}: expected one tensor 'prompt_embeddings', found {sorted(tensors)}.")

@@ -37,6 +37,9 @@ from torch import nn
 
 from adapters.plugin import (
     CONFIG_FILE,
+    PEFT_PREFIX,
+    PEFT_WEIGHTS,
+    PEFT_WEIGHTS_PT,
     AdapterError,
     CheckpointError,
     LoadedCheckpoint,
@@ -45,6 +48,7 @@ from adapters.plugin import (
     head_tensors,
     linear_targets,
     local_module_path,
+    peft_weights_path,
     read_config,
     read_tensors,
     task_model_path,
@@ -55,9 +59,7 @@ from .layer import VeraLinear, VeraVectors
 
 __all__ = ["PEFT_WEIGHTS", "PEFT_WEIGHTS_PT", "read_peft_vera", "save_peft_vera", "peft_projections"]
 
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_WEIGHTS_PT = "adapter_model.bin"
-PREFIX = "base_model.model."
+PREFIX = PEFT_PREFIX
 PROJECTIONS = {"base_model.vera_A": "A", "base_model.vera_B": "B"}
 SUFFIXES = {"vera_lambda_d": "lambda_d", "vera_lambda_b": "lambda_b"}
 
@@ -157,11 +159,7 @@ def read_peft_vera(directory: str) -> LoadedCheckpoint | None:
         return None
     cfg_path, cfg = found
     _check_options(cfg_path, cfg)
-    existing = [os.path.join(directory, f) for f in (PEFT_WEIGHTS, PEFT_WEIGHTS_PT)
-                if os.path.exists(os.path.join(directory, f))]
-    if not existing:
-        raise CheckpointError(f"{directory} has a PEFT {CONFIG_FILE} but no {PEFT_WEIGHTS}.")
-    weights_path = existing[0]
+    weights_path = peft_weights_path(directory)
     r = int(cfg.get("r", 256))
     modules, shared, whole = _split(weights_path, read_tensors(weights_path), cfg.get("modules_to_save") or [], r)
     save_projection = cfg.get("save_projection", True)

@@ -15,28 +15,13 @@ from __future__ import annotations
 
 import math
 import os
-import re
-from typing import Any
 
 from ..checkpoint_io import CONFIG_FILE, read_json, read_tensors
 from ..errors import AdapterError
+from ..foreign import PEFT_PREFIX, peft_weights_path
+from ..module_match import pattern_value
 
 __all__ = ["servable_problems", "check_servable"]
-
-_PREFIX = "base_model.model."
-
-
-def _pattern(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    for key, value in patterns.items():
-        if path == key or path.endswith("." + key):
-            return value
-        try:
-            if re.fullmatch(rf"(.*\.)?{key}", path):
-                return value
-        except re.error:
-            continue
-    return default
-
 
 def servable_problems(directory: str) -> list[str]:
     """What in the PEFT adapter in ``directory`` a LoRA server (vLLM, TGI) would refuse or apply differently
@@ -44,10 +29,10 @@ def servable_problems(directory: str) -> list[str]:
 
     :raises AdapterError: ``directory`` holds no PEFT adapter."""
     cfg_path = os.path.join(directory, CONFIG_FILE)
-    weights = os.path.join(directory, "adapter_model.safetensors")
-    if not (os.path.exists(cfg_path) and os.path.exists(weights)):
+    if not os.path.exists(cfg_path):
         raise AdapterError(f"{directory} holds no PEFT adapter ({CONFIG_FILE} + adapter_model.safetensors); write "
                            "one with save_adapter(..., format='peft') or adapters convert --to peft.")
+    weights = peft_weights_path(directory)
     cfg = read_json(cfg_path)
     problems = []
     if cfg.get("peft_type") != "LORA":
@@ -64,15 +49,15 @@ def servable_problems(directory: str) -> list[str]:
     ranks: dict[str, int] = {}
     for key, tensor in read_tensors(weights).items():
         if key.endswith((".lora_A.weight", ".lora_embedding_A")):
-            module = key[len(_PREFIX):].rsplit(".lora_", 1)[0]
+            module = key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0]
             ranks[module] = int(tensor.shape[0])
     too_big = sorted(m for m, k in ranks.items() if k > r)
     if too_big:
         problems.append(f"modules {too_big[:3]} have a rank above r={r}: servers size their buffers by r")
     differ = []
     for module, rank in sorted(ranks.items()):
-        a = _pattern(cfg.get("alpha_pattern") or {}, module, alpha)
-        k = _pattern(cfg.get("rank_pattern") or {}, module, r)
+        a = pattern_value(cfg.get("alpha_pattern") or {}, (module,), alpha)
+        k = pattern_value(cfg.get("rank_pattern") or {}, (module,), r)
         if k != rank:
             problems.append(f"module {module} has rank {rank}, the config says {k}")
             continue
