@@ -29,13 +29,16 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from adapters.plugin import param
+
 __all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "lora_linear", "forward_impl", "backward_impl",
-           "LAUNCHES"]
+           "LAUNCHES", "param"]
 
 _OFF = {"0", "off", "false", "no"}
 _MODE = os.environ.get("ADAPTERS_FUSED", "auto").strip().lower() or "auto"
@@ -97,13 +100,14 @@ def selected(x: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ launchers
-def _kernel() -> Any:
+def _kernels() -> Any:
+    """The :mod:`.fused_kernels` module (imported, with Triton, on first use)."""
     global _KERNEL, _INTERPRETED
     if _KERNEL is None:
-        from .fused_kernels import low_rank_add
+        from . import fused_kernels
 
-        _INTERPRETED = type(low_rank_add).__name__ == "InterpretedFunction"
-        _KERNEL = low_rank_add
+        _INTERPRETED = type(fused_kernels.low_rank_add).__name__ == "InterpretedFunction"
+        _KERNEL = fused_kernels
     return _KERNEL
 
 
@@ -125,10 +129,12 @@ def _next_pow2(n: int) -> int:
 
 
 def launch_low_rank(inp: torch.Tensor, down: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None,
-                    h_out: torch.Tensor, scale: float) -> None:
+                    h_out: torch.Tensor, scale: float, dora: tuple[torch.Tensor, torch.Tensor | None,
+                                                                  torch.Tensor] | None = None) -> None:
     """One :func:`.fused_kernels.low_rank_add` launch: ``h_out = scale·(inp @ down)`` and, when ``out`` is
     given, ``out += h_out @ up`` in place. ``inp`` M × K, ``down`` K × r, ``up`` r × N, ``out`` M × N,
-    ``h_out`` M × r: any strides, one device, one floating dtype."""
+    ``h_out`` M × r: any strides, one device, one floating dtype. ``dora``: ``(factor, bias, out2)`` for
+    DoRA's epilogue ``out2 = out · factor + bias`` (float32 factor, ``out2`` M × N row-major)."""
     m, k = inp.shape
     r = down.shape[1]
     n = up.shape[1]
@@ -140,13 +146,15 @@ def launch_low_rank(inp: torch.Tensor, down: torch.Tensor, up: torch.Tensor, out
     split = -(-blocks // per_prog)
     target = out if out is not None else h_out
     o_strides = out.stride() if out is not None else (0, 0)
-    kernel = _kernel()
+    kernel = _kernels().low_rank_add
+    factor, bias, out2 = dora if dora is not None else (h_out, None, h_out)
     kernel[(grid_m, split)](
-        inp, down, up, target, h_out, m, n, k, r, per_prog, float(scale),
+        inp, down, up, target, h_out, factor, bias if bias is not None else factor, out2,
+        m, n, k, r, per_prog, float(scale),
         inp.stride(0), inp.stride(1), down.stride(0), down.stride(1), up.stride(0), up.stride(1),
         o_strides[0], o_strides[1], h_out.stride(0), h_out.stride(1),
         BM=bm, BK=bk, BN=bn, BR=br, WRITE_OUT=out is not None, STORE_H=True,
-        UPCAST=_INTERPRETED, IEEE=inp.dtype == torch.float32,
+        UPCAST=_INTERPRETED, IEEE=inp.dtype == torch.float32, DORA=dora is not None, HAS_BIAS=bias is not None,
     )
     LAUNCHES[0] += 1
 
@@ -160,37 +168,44 @@ def _kernels_ok(t: torch.Tensor) -> bool:
     key = (t.device.type, t.device.index, t.dtype)
     ok = _CHECKED.get(key)
     if ok is None:
-        ok = _CHECKED[key] = _self_check(t.device, t.dtype)
+        ok = _CHECKED[key] = checked("LoRA", t.device, t.dtype, _lora_pairs)
     return ok
 
 
-def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
-    """Run the forward and backward launches on small tensors of ``device`` / ``dtype`` and compare them
-    with torch; ``False`` (and a :class:`FusedPathWarning`) when a launch raises or a result disagrees."""
+def checked(what: str, device: torch.device, dtype: torch.dtype,
+            pairs: Callable[[torch.device, torch.dtype, Callable[..., torch.Tensor]], list[tuple[Any, Any]]]) -> bool:
+    """Run ``pairs(device, dtype, rand)`` (kernel launches on small tensors, returned with torch's results
+    as ``(got, want)`` pairs; ``rand(*shape)``: seeded normal values) without gradients; ``False`` and a
+    :class:`FusedPathWarning` when it raises or a pair disagrees (relative to the largest wanted value)."""
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    x, a, b, g = rand(80, 48), rand(8, 48), rand(40, 8), rand(80, 40)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     try:
         with torch.no_grad():
-            y, hs = torch.zeros(80, 40, device=device, dtype=dtype), torch.empty(80, 8, device=device, dtype=dtype)
-            launch_low_rank(x, a.t(), b.t(), y, hs, 0.5)
-            gx, us = torch.zeros(80, 48, device=device, dtype=dtype), torch.empty(80, 8, device=device, dtype=dtype)
-            launch_low_rank(g, b, a, gx, us, 0.5)
-            want = [(x.float() @ a.float().t()) * 0.5, None, (g.float() @ b.float()) * 0.5, None]
-            want[1], want[3] = want[0] @ b.float().t(), want[2] @ a.float()
-            for got, ref in zip((hs, y, us, gx), want):
-                if not torch.allclose(got.float(), ref, rtol=tol, atol=tol * float(ref.abs().max())):
-                    raise RuntimeError(f"mismatch: max error {float((got.float() - ref).abs().max()):.3g}")
+            for got, want in pairs(device, dtype, rand):
+                want = want.float()
+                if not torch.allclose(got.float(), want, rtol=tol, atol=tol * float(want.abs().max())):
+                    raise RuntimeError(f"mismatch: max error {float((got.float() - want).abs().max()):.3g}")
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel here
-        warnings.warn(f"adapters_lora: the fused LoRA kernel failed its check on {device} / {dtype} ({exc}); "
+        warnings.warn(f"adapters_lora: the fused {what} kernels failed their check on {device} / {dtype} ({exc}); "
                       "torch ops compute the fused path there (set ADAPTERS_FUSED=0 to use the plain path).",
-                      FusedPathWarning, stacklevel=3)
+                      FusedPathWarning, stacklevel=4)
         return False
     return True
+
+
+def _lora_pairs(device: torch.device, dtype: torch.dtype, rand: Callable[..., torch.Tensor]) -> list[tuple[Any, Any]]:
+    """The forward and backward launches of :func:`launch_low_rank` on small tensors, with torch's results."""
+    x, a, b, g = rand(80, 48), rand(8, 48), rand(40, 8), rand(80, 40)
+    y, hs = torch.zeros(80, 40, device=device, dtype=dtype), torch.empty(80, 8, device=device, dtype=dtype)
+    launch_low_rank(x, a.t(), b.t(), y, hs, 0.5)
+    gx, us = torch.zeros(80, 48, device=device, dtype=dtype), torch.empty(80, 8, device=device, dtype=dtype)
+    launch_low_rank(g, b, a, gx, us, 0.5)
+    want_h, want_u = (x.float() @ a.float().t()) * 0.5, (g.float() @ b.float()) * 0.5
+    return [(hs, want_h), (y, want_h @ b.float().t()), (us, want_u), (gx, want_u @ a.float())]
 
 
 def forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -290,6 +305,27 @@ _op_fwd.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 # ------------------------------------------------------------------------------------------ entry point
+def covers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+           lora_b: torch.Tensor) -> bool:
+    """Whether the fused path is selected for and covers this call (see :func:`lora_linear`)."""
+    if not selected(x) or not torch.is_grad_enabled():
+        return False
+    if not (lora_a.requires_grad or lora_b.requires_grad) or weight.requires_grad:
+        return False
+    dtype = x.dtype
+    if (dtype not in _DTYPES or weight.dtype != dtype or lora_a.dtype != dtype or lora_b.dtype != dtype
+            or lora_a.shape[0] > _MAX_RANK or x.dim() != 2 or x.shape[0] * max(x.shape[1], weight.shape[0]) >= _INT32):
+        return False  # (offsets inside the kernels are 32-bit)
+    return bias is None or (not bias.requires_grad and bias.dtype == dtype)
+
+
+def eager_ok(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Outside ``torch.compile``: no ``torch.func`` transform, plain tensors (no ``DTensor`` or quantized
+    subclass), and the kernel passed its first-use check."""
+    return (not torch._C._are_functorch_transforms_active() and type(x) in _PLAIN
+            and all(type(t) in _PLAIN for t in tensors) and _kernels_ok(x))
+
+
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float) -> torch.Tensor | None:
     """``x Wᵀ + b + s·(x Aᵀ) Bᵀ`` for 2-D ``x`` (M × K) on the fused path, or ``None`` where it does not apply.
@@ -297,19 +333,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Covers a training step (gradients enabled, ``A`` or ``B`` trainable, ``W`` and ``b`` frozen) with every
     tensor on one device in one dtype (float16, bfloat16, float32) and rank ≤ 128, when :func:`selected`.
     """
-    if not selected(x) or not torch.is_grad_enabled():
-        return None
-    if not (lora_a.requires_grad or lora_b.requires_grad) or weight.requires_grad:
-        return None
-    dtype = x.dtype
-    if (dtype not in _DTYPES or weight.dtype != dtype or lora_a.dtype != dtype or lora_b.dtype != dtype
-            or lora_a.shape[0] > _MAX_RANK or x.dim() != 2 or x.shape[0] * max(x.shape[1], weight.shape[0]) >= _INT32):
-        return None  # (offsets inside the kernels are 32-bit)
-    if bias is not None and (bias.requires_grad or bias.dtype != dtype):
+    if not covers(x, weight, bias, lora_a, lora_b):
         return None
     if torch.compiler.is_compiling():
         return torch.ops.adapters_lora.lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling)[0]
-    if (torch._C._are_functorch_transforms_active() or not all(type(t) in _PLAIN for t in (x, weight, lora_a, lora_b))
-            or not _kernels_ok(x)):
+    if not eager_ok(x, weight, lora_a, lora_b):
         return None  # functorch transforms and tensor subclasses (DTensor, quantized) keep the plain path
     return _FusedLoRA.apply(x, weight, bias, lora_a, lora_b, scaling)

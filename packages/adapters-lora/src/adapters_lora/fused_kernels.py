@@ -9,6 +9,9 @@ registers, optionally stores it (M × r), and adds ``h @ U`` (U: r × N) into ``
 * backward: ``inp = g``, ``D = B``, ``U = A``, ``out = g W`` (cuBLAS): ``s·(g B)`` and the input
   gradient's LoRA term accumulated in one launch (the plain path: ``mm``, ``mul``, ``mm``, ``add``).
 
+DoRA adds :func:`dora_norm` (its row norms and column factor in one pass over ``W``), an epilogue of
+:func:`low_rank_add` (the factor and the bias) and :func:`dora_grad` (the gradient through the factor).
+
 Every matrix is passed with its two strides, so transposes are free and the gradient arriving from a
 transposed view needs no copy. A program owns one row block and ``n_per_prog`` column blocks of ``out``
 (the grid's second axis splits the columns when there are few row blocks, so small batches still
@@ -25,18 +28,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["low_rank_add"]
+__all__ = ["low_rank_add", "dora_norm", "dora_grad"]
 
 
 @triton.jit
 def low_rank_add(
-    inp, down, up, out, h_out,
+    inp, down, up, out, h_out, col_scale, col_bias, out2,
     M, N, K, R, n_per_prog, scale,
     s_im, s_ik, s_dk, s_dr, s_ur, s_un, s_om, s_on, s_hm, s_hr,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
     WRITE_OUT: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    DORA: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    """``h = scale·(inp @ down)``; ``h_out = h`` (``STORE_H``); ``out += h @ up`` (``WRITE_OUT``).
+    """``h = scale·(inp @ down)``; ``h_out = h`` (``STORE_H``); ``out += h @ up`` (``WRITE_OUT``); with ``DORA``
+    also ``out2 = out · col_scale + col_bias`` (M × N row-major; ``col_scale`` float32, the bias only with
+    ``HAS_BIAS``): DoRA's output from ``z = x Wᵀ + s·x Aᵀ Bᵀ``, which stays in ``out`` for the backward pass.
 
     Grid: ``(cdiv(M, BM), column splits)``; program ``(i, j)`` adds into column blocks
     ``j·n_per_prog … (j+1)·n_per_prog − 1`` of row block ``i``; ``h`` is stored by ``j == 0`` only.
@@ -84,4 +90,82 @@ def low_rank_add(
             ptrs = out + rows[:, None] * s_om + cols[None, :] * s_on
             mask = row_ok[:, None] & col_ok[None, :]
             y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(ptrs, (y + delta).to(out.dtype.element_ty), mask=mask)
+            z = (y + delta).to(out.dtype.element_ty)
+            tl.store(ptrs, z, mask=mask)
+            if DORA:
+                o = z.to(tl.float32) * tl.load(col_scale + cols, mask=col_ok, other=0.0)[None, :]
+                if HAS_BIAS:
+                    o += tl.load(col_bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                tl.store(out2 + rows[:, None] * N + cols[None, :], o.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def dora_norm(
+    w, a, b, mag, f_out, norm_out,
+    N, K, R, scale,
+    s_w0, s_w1, s_a0, s_a1, s_b0, s_b1,
+    BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """DoRA's column factor without forming ``W + s·BA``: for ``BN`` output rows, ``‖W‖²``, ``W Aᵀ`` and the
+    Gram matrix ``A Aᵀ`` in one pass over ``K``, then ``norm = sqrt(‖W‖² + 2s·B·(W Aᵀ) + s²·(B AAᵀ)·B)``
+    (clamped at 1e-12 before the root) and ``f = m / norm``; both float32 (N). Grid: ``cdiv(N, BN)``."""
+    pid = tl.program_id(0)
+    rows = pid * BN + tl.arange(0, BN)
+    ranks = tl.arange(0, BR)
+    row_ok = rows < N
+    rank_ok = ranks < R
+    wa = tl.full((BN, BR), 0.0, tl.float32)
+    gram = tl.full((BR, BR), 0.0, tl.float32)
+    wsq = tl.full((BN,), 0.0, tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        col_ok = cols < K
+        wv = tl.load(w + rows[:, None] * s_w0 + cols[None, :] * s_w1, mask=row_ok[:, None] & col_ok[None, :],
+                     other=0.0)
+        at = tl.load(a + ranks[None, :] * s_a0 + cols[:, None] * s_a1, mask=col_ok[:, None] & rank_ok[None, :],
+                     other=0.0)
+        wf = wv.to(tl.float32)
+        wsq += tl.reduce(wf * wf, 1, _add)
+        atf = at.to(tl.float32)
+        if UPCAST:
+            wv = wf
+            at = atf
+        if IEEE:
+            wa += tl.dot(wv, at, input_precision="ieee")
+        else:
+            wa += tl.dot(wv, at)
+        gram += tl.dot(tl.trans(atf), atf, input_precision="ieee")
+    bv = tl.load(b + rows[:, None] * s_b0 + ranks[None, :] * s_b1, mask=row_ok[:, None] & rank_ok[None, :],
+                 other=0.0).to(tl.float32)
+    cross = tl.reduce(bv * wa, 1, _add)
+    quad = tl.reduce(tl.dot(bv, gram, input_precision="ieee") * bv, 1, _add)
+    norm = tl.sqrt(tl.maximum(wsq + 2.0 * scale * cross + scale * scale * quad, 1e-12))
+    m = tl.load(mag + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(norm_out + rows, norm, mask=row_ok)
+    tl.store(f_out + rows, m / norm, mask=row_ok)
+
+
+@triton.jit
+def dora_grad(
+    g, z, f, norm, gp_out, gm_acc,
+    M, N, s_g0, s_g1,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """DoRA's backward through the column factor, one ``BM × BN`` tile per program: ``gp = g ⊙ f`` (the
+    gradient of ``z``, M × N row-major) and ``gm_acc += Σ_rows g ⊙ z / norm`` (the magnitude's gradient,
+    float32, accumulated atomically over row blocks). Grid: ``(cdiv(M, BM), cdiv(N, BN))``."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    gv = tl.load(g + rows[:, None] * s_g0 + cols[None, :] * s_g1, mask=mask, other=0.0).to(tl.float32)
+    zv = tl.load(z + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    fv = tl.load(f + cols, mask=col_ok, other=0.0)
+    tl.store(gp_out + rows[:, None] * N + cols[None, :], (gv * fv[None, :]).to(gp_out.dtype.element_ty), mask=mask)
+    part = tl.reduce(gv * zv, 0, _add) / tl.load(norm + cols, mask=col_ok, other=1.0)
+    tl.atomic_add(gm_acc + cols, part, mask=col_ok)

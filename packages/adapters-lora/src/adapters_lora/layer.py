@@ -27,7 +27,7 @@ from adapters.plugin import (
     row_index,
 )
 
-from . import fused
+from . import fused, fused_dora
 from .config import LoRAConfig
 from .deltas import DoRADelta, IA3InputScale, IA3Scale, LoRADelta, MTLLoRADelta
 from .gathered import CACHE, ROUTED, gathered_forward
@@ -66,6 +66,10 @@ class LoRALinear(AdapterLinear):
                 lora_a = param(module, "lora_A")
                 if x.dtype == lora_a.dtype:
                     return self._straight_line(x, lora_a, param(module, "lora_B"), module.scaling)
+            if type(module) is DoRADelta and torch.is_grad_enabled():  # training on CUDA with Triton: fused DoRA
+                out = fused_dora.dora_layer(self, module, x)
+                if out is not None:
+                    return out
             # one adapter: y is ours, so it is updated in place; .forward skips the module-call
             # machinery (adapter modules carry no hooks)
             return module.forward(x, self.base_forward(x), self, True)
