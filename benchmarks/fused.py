@@ -8,8 +8,8 @@ own graph) and peft under ``torch.compile`` (``--compile-mode reduce-overhead``:
 
 Before timing, each method's step is checked: the loss and every adapter gradient with the path on against
 off (``max rel err``: the largest difference relative to the largest value, per tensor), and the Triton
-launches one step makes (``kernels/step``: 0 where the path covers nothing, e.g. DoRA, LoReFT, and par_bn's
-512-wide bottleneck at 0.6B).
+launches one step makes (``kernels/step``: 0 where the path covers nothing: LoReFT, and par_bn's 512-wide
+bottleneck at 0.6B).
 
 Usage::
 

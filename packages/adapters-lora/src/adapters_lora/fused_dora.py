@@ -1,14 +1,14 @@
 """DoRA on the fused training path (issue #23): ``out = m ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) / ‖W + s·BA‖_row + b``.
 
-The plain path (:class:`.deltas.DoRADelta`) runs 19 operations forward and 28 backward per projection, most
-of them for the row norms. Here (kernels in :mod:`.fused_kernels`):
+The plain path (:class:`.deltas.DoRADelta`) adds 19 operations forward and 9 backward to each projection's
+GEMMs, most of them for the row norms. Here (kernels in :mod:`.fused_kernels`):
 
 * forward, 3 launches: :func:`~.fused_kernels.dora_norm` (``‖W‖²``, ``W Aᵀ`` and ``A Aᵀ`` in one pass over
   ``W``, then the norms and ``f = m / norm``), ``x Wᵀ`` (cuBLAS), and the LoRA kernel with DoRA's epilogue
   (``z = x Wᵀ + s·x Aᵀ Bᵀ`` kept for backward, ``out = z ⊙ f + b``);
-* backward, 7 launches: a zeroed accumulator, :func:`~.fused_kernels.dora_grad` (``g ⊙ f`` and the
-  magnitude's gradient ``Σ g ⊙ z / norm``), its cast, and LoRA's four (:func:`.fused.backward_impl` on
-  ``g ⊙ f``).
+* backward, 6 launches (7 when the magnitude is not float32: its gradient's cast): a zeroed accumulator,
+  :func:`~.fused_kernels.dora_grad` (``g ⊙ f`` and the magnitude's gradient ``Σ g ⊙ z / norm``) and LoRA's
+  four (:func:`.fused.backward_impl` on ``g ⊙ f``).
 
 As in the DoRA paper and the plain path, the norm is a constant for the backward pass. ``‖W‖²`` is
 recomputed in the same pass that reads ``W`` for ``W Aᵀ`` (the plain path caches it; reading ``W`` once
@@ -40,10 +40,10 @@ def launch_dora_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
     n, k = weight.shape
     r = lora_a.shape[0]
     kernels = fused._kernels()  # first: sets fused._INTERPRETED
-    kernels.dora_norm[(-(-n // 64),)](
+    kernels.dora_norm[(-(-n // 32),)](  # 32 rows a program: 64 programs for a 2048-row projection
         weight, lora_a, lora_b, magnitude, factor, norm, n, k, r, float(scaling),
         weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
-        BN=64, BK=64, BR=max(16, fused._next_pow2(r)), UPCAST=fused._INTERPRETED, IEEE=weight.dtype == torch.float32)
+        BN=32, BK=64, BR=max(16, fused._next_pow2(r)), UPCAST=fused._INTERPRETED, IEEE=weight.dtype == torch.float32)
     fused.LAUNCHES[0] += 1
 
 
