@@ -316,6 +316,8 @@ def test_bottleneck_declines_what_it_does_not_cover() -> None:
     assert bn_fused.bottleneck(dropout, h, x, True) is None  # training: dropout runs
     assert bn_fused.bottleneck(dropout.eval(), h, x, True) is not None  # eval: no dropout to run
     assert bn_fused.bottleneck(_bottleneck(SeqBnConfig(), 32, torch.float32), h, None, True) is None  # no residual
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the plain path's projections cast
+        assert bn_fused.bottleneck(_bottleneck(SeqBnConfig(), 32, torch.float32), h, x, True) is None
     bn_fused.set_fused_mode("auto")  # CPU tensors
     assert bn_fused.bottleneck(_bottleneck(SeqBnConfig(), 32, torch.float32), h, x, True) is None
 

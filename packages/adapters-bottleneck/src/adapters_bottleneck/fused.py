@@ -6,11 +6,12 @@ runs 5 operations forward and 9 backward per location. Here (:mod:`.fused_kernel
 * forward, 1 launch: the input sum, ``down``, its bias, the activation, ``up``, its bias, the scale and the
   residual add (``pre``, ``s·z`` and the input sum are kept for backward);
 * backward, 5 launches (6 with a scale other than 1): the kernel (``dpre`` and the input gradients, ``h``'s
-  with the residual's ``g`` added), ``∂Wu = gᵀ(s·z)``, ``∂bu = s·Σg``, ``∂Wd = dpreᵀ inp``, ``∂bd = Σ dpre``.
+  with the residual's ``g`` added), ``∂Wu = gᵀ(s·z)``, ``∂bu = s·Σg``, ``∂Wd = dpreᵀ inp``, ``∂bd = Σ dpre``;
+  autograd adds the residual stream's two gradients (one operation, on either path).
 
 Covered: plain ``nn.Linear`` projections with a bottleneck of at most 128 features, activation relu, silu /
 swish, gelu, gelu_tanh / gelu_new or identity, a fixed scale, no own LayerNorm, gate, or (while training)
-dropout or stochastic depth, one dtype (float16, bfloat16, float32), and an input / residual of the forms
+dropout or stochastic depth, no autocast, one dtype (float16, bfloat16, float32), and an input / residual of the forms
 ``parallel`` (``inp = x``, residual ``h``: ``par_bn``), ``sum`` (``inp = h + x`` through an identity norm,
 residual ``h``: ``seq_bn`` on pre-norm models) or ``self`` (``inp = h``: ``double_seq_bn``).
 Everything else returns ``None`` and the plain path runs.
@@ -365,8 +366,8 @@ def bottleneck(adapter: nn.Module, h: torch.Tensor, x: torch.Tensor | None,
     :param adapter: a :class:`~.units.Bottleneck`. :param h: the sub-block output (..., H).
     :param x: the residual stream (``h``'s shape) or ``None``. :param norm_is_identity: the location has no norm.
     """
-    if not selected(h) or not torch.is_grad_enabled():
-        return None
+    if not selected(h) or not torch.is_grad_enabled() or torch.is_autocast_enabled(h.device.type):
+        return None  # (under autocast the plain path's projections cast)
     if (adapter.ln_before is not None or adapter.ln_after is not None or adapter.gate is not None
             or adapter.learned_scaling or (adapter.training and (adapter.dropout is not None
                                                                  or adapter.stochastic_depth > 0))):
