@@ -21,7 +21,8 @@ issued and that device and dtype compute with torch ops from then on.
 overhead is what a host-bound step cannot afford); under ``torch.compile`` the same launchers are the
 custom ops ``adapters_lora::lora_linear_fwd`` / ``_bwd`` with fake implementations, so dynamo records one
 node and does not break the graph. Gradient checkpointing recomputes the forward like any other op.
-Double backward is not supported (``once_differentiable``).
+Double backward is not supported (``once_differentiable``). DoRA builds on this module
+(:mod:`.fused_dora`: :func:`covers`, :func:`eager_ok`, :func:`checked` and the launchers are shared).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from torch.autograd.function import once_differentiable
 
 from adapters.plugin import param
 
-__all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "lora_linear", "forward_impl", "backward_impl",
-           "LAUNCHES", "param"]
+__all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "selected", "covers", "eager_ok", "checked",
+           "lora_linear", "launch_low_rank", "forward_impl", "backward_impl", "LAUNCHES", "param"]
 
 _OFF = {"0", "off", "false", "no"}
 _MODE = os.environ.get("ADAPTERS_FUSED", "auto").strip().lower() or "auto"
