@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 __all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "bottleneck", "forward_impl", "backward_impl",
            "LAUNCHES"]
 
-_MODE = "auto"
+_MODE = "0"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BOTTLENECK = 128
 _PLAIN = (torch.Tensor, nn.Parameter)
@@ -75,7 +75,7 @@ def set_fused_mode(mode: str) -> str:
     return previous
 
 
-set_fused_mode(os.environ.get("ADAPTERS_FUSED", "auto"))
+set_fused_mode(os.environ.get("ADAPTERS_FUSED", "0"))  # off unless asked for (see adapters_lora.fused)
 
 
 def selected(t: torch.Tensor) -> bool:

@@ -8,9 +8,10 @@ This path runs the base GEMM on cuBLAS and everything rank-``r`` in one Triton k
 * forward, 2 launches: ``y = addmm(b, x, Wᵀ)``; kernel: ``hs = s·x Aᵀ`` (kept for backward), ``y += hs Bᵀ``;
 * backward, 4 launches: ``gx = g W``; kernel: ``us = s·g B``, ``gx += us A``; ``∂A = usᵀ x``; ``∂B = gᵀ hs``.
 
-**Selection.** ``ADAPTERS_FUSED`` (read at import, changed with :func:`set_fused_mode`): ``auto`` (default)
-uses the path for CUDA tensors when Triton is installed; ``0`` never; ``force`` on any device (CPU tensors
-need ``TRITON_INTERPRET=1``: the tests). Triton is imported on first use only, so ``import adapters`` and
+**Selection.** ``ADAPTERS_FUSED`` (read at import, changed with :func:`set_fused_mode`): ``0`` (default:
+on an H200 the fused step measured slower than the plain one, see the README) never; ``auto`` (or ``1``)
+uses the path for CUDA tensors when Triton is installed; ``force`` on any device (CPU tensors need
+``TRITON_INTERPRET=1``: the tests). Triton is imported on first use only, so ``import adapters`` and
 CPU installs never import it. :func:`lora_linear` returns ``None`` for what the path does not cover
 (frozen adapter, trainable base weight, mixed or integer dtypes, rank above 128, ``torch.func`` transforms),
 and the caller runs the plain path. Before its first use per device and dtype the kernel is checked
@@ -42,7 +43,10 @@ __all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "selected", "cove
            "lora_linear", "launch_low_rank", "forward_impl", "backward_impl", "LAUNCHES", "param"]
 
 _OFF = {"0", "off", "false", "no"}
-_MODE = os.environ.get("ADAPTERS_FUSED", "auto").strip().lower() or "auto"
+#: off unless asked for: measured on an H200 (benchmarks/fused.py, 0.6B, 8 x 512, Triton 3.6) the fused step
+#: was slower than the plain one (LoRA q,v 1.38x the base against 1.19x): the step is bound by the host,
+#: and a Triton launch from Python costs more host time than the torch ops it replaces
+_MODE = os.environ.get("ADAPTERS_FUSED", "0").strip().lower() or "0"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_RANK = 128
 _INT32 = 2**31
