@@ -64,3 +64,16 @@ def test_multitask_with_gradient_checkpointing_matches_plain_gradients() -> None
     assert plain.keys() == checkpointed.keys() and len(plain) == 16
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_bias_free_projection_keeps_bias_registered_as_none():
+    """Dynamo (inductor on CUDA) recursed without end reading a bias kept outside ``_parameters`` through the
+    layer's ``bias`` property; a bias-free projection registers ``None`` as nn.Linear does."""
+    import adapters
+    from adapters.testing import tiny_model
+
+    model = adapters.init(tiny_model("qwen3"))
+    model.add_adapter("a", "lora")
+    layer = model.layers[0].self_attn.q_proj
+    assert "bias" in layer._parameters and layer._parameters["bias"] is None and layer.bias is None
+    assert layer.weight is layer._parameters["weight"]

@@ -154,7 +154,10 @@ class AdapterLinear(AdapterLayer):
         self.in_features, self.out_features = linear_features(base)
         if kind is None:
             self.weight = base.weight
-            self.bias = base.bias
+            if base.bias is None:  # registered as None (as nn.Linear does): the property never reads __dict__,
+                self.register_parameter("bias", None)  # which dynamo cannot trace (infinite recursion)
+            else:
+                self.bias = base.bias
         else:
             if kind == quantized.BNB_4BIT:  # never bitsandbytes' CPU inference layout: it computes no gradients
                 quantized.keep_training_kernels(base)
