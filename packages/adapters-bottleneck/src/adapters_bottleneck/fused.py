@@ -24,8 +24,6 @@ under ``torch.compile``. Triton is imported on first use only.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import warnings
 from typing import Any
 
@@ -34,58 +32,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from adapters.plugin import FusedPathWarning, device_programs, fused_mode, fused_selected, set_fused_mode
+
 __all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "bottleneck", "forward_impl", "backward_impl",
            "LAUNCHES"]
 
-_MODE = "0"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BOTTLENECK = 128
 _PLAIN = (torch.Tensor, nn.Parameter)
 LAUNCHES = [0]  # Triton kernel launches since import (tests, benchmarks)
-_HAS_TRITON: bool | None = None
 _CHECKED: dict[tuple[str, int | None, torch.dtype], bool] = {}
 _KERNELS: Any = None
 _INTERPRETED = False
-_PROGRAMS: dict[int | None, int] = {}  # programs that fill a GPU, per device index
-
-
-class FusedPathWarning(UserWarning):
-    """The fused kernels failed their first-use check on a device and dtype; torch ops compute there instead."""
-
-
-def fused_mode() -> str:
-    """The current mode: ``"auto"``, ``"0"`` or ``"force"`` (see :mod:`adapters_lora.fused`)."""
-    return _MODE
-
-
-def set_fused_mode(mode: str) -> str:
-    """Set the mode (``"auto"`` / ``"1"`` / ``"on"``, ``"0"`` / ``"off"``, ``"force"``); returns the previous one.
-
-    :raises ValueError: an unknown mode.
-    """
-    global _MODE
-    mode = str(mode).strip().lower()
-    if mode in ("0", "off", "false", "no"):
-        mode = "0"
-    elif mode in ("1", "on", "true", "yes", ""):
-        mode = "auto"
-    elif mode not in ("auto", "force"):
-        raise ValueError(f"ADAPTERS_FUSED mode must be auto, 0 or force, not {mode!r}.")
-    previous, _MODE = _MODE, mode
-    return previous
-
-
-set_fused_mode(os.environ.get("ADAPTERS_FUSED", "0"))  # off unless asked for (see adapters_lora.fused)
 
 
 def selected(t: torch.Tensor) -> bool:
     """Whether the mode selects the fused path for tensors like ``t`` (device and Triton only)."""
-    global _HAS_TRITON
-    if _MODE == "0" or not (t.is_cuda or _MODE == "force"):
-        return False
-    if _HAS_TRITON is None:
-        _HAS_TRITON = importlib.util.find_spec("triton") is not None
-    return _HAS_TRITON
+    return fused_selected(t)
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -102,10 +65,7 @@ def _kernels() -> Any:
 def _grid(m: int, h: int, device: torch.device) -> tuple[int, int, int]:
     """``(row blocks, column splits, column blocks per program)`` for ``m`` rows of ``h`` features."""
     grid_m, blocks = -(-m // 64), -(-h // 64)
-    want = 4  # on CPU: small, so tests exercise column splits
-    if device.type == "cuda":
-        want = _PROGRAMS.get(device.index) or _PROGRAMS.setdefault(
-            device.index, 2 * torch.cuda.get_device_properties(device).multi_processor_count)
+    want = device_programs(device)
     split = min(blocks, max(1, -(-want // grid_m)))
     per_prog = -(-blocks // split)
     return grid_m, -(-blocks // per_prog), per_prog

@@ -43,6 +43,7 @@ from .foreign import (
     task_model_path,
 )
 from .frames import LayerFrame, current_frame, frame_child
+from .fused_switch import FusedPathWarning, device_programs, fused_mode, fused_selected, set_fused_mode
 from .hookspecs import PLUGIN_API_VERSION, hookimpl
 from .interface import AdapterModelInterface
 from .linear import AdapterLinear, FusedParts, Rows, count_rows, is_linear_like, param, row_index
@@ -76,6 +77,11 @@ __all__ = [
     "PEFT_WEIGHTS_PT",
     "peft_weights_path",
     "pattern_value",
+    "FusedPathWarning",
+    "device_programs",
+    "fused_mode",
+    "fused_selected",
+    "set_fused_mode",
     "LoadedCheckpoint",
     "Target",
     "adapterhub_directory",

@@ -8,7 +8,7 @@ This path runs the base GEMM on cuBLAS and everything rank-``r`` in one Triton k
 * forward, 2 launches: ``y = addmm(b, x, Wᵀ)``; kernel: ``hs = s·x Aᵀ`` (kept for backward), ``y += hs Bᵀ``;
 * backward, 4 launches: ``gx = g W``; kernel: ``us = s·g B``, ``gx += us A``; ``∂A = usᵀ x``; ``∂B = gᵀ hs``.
 
-**Selection.** ``ADAPTERS_FUSED`` (read at import, changed with :func:`set_fused_mode`): ``0`` (default:
+**Selection.** ``ADAPTERS_FUSED`` (one mode for every package, :mod:`adapters.fused_switch`): ``0`` (default:
 on an H200 the fused step measured slower than the plain one, see the README) never; ``auto`` (or ``1``)
 uses the path for CUDA tensors when Triton is installed; ``force`` on any device (CPU tensors need
 ``TRITON_INTERPRET=1``: the tests). Triton is imported on first use only, so ``import adapters`` and
@@ -28,8 +28,6 @@ Double backward is not supported (``once_differentiable``). DoRA builds on this 
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -37,71 +35,26 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from adapters.plugin import param
+from adapters.plugin import FusedPathWarning, device_programs, fused_mode, fused_selected, param, set_fused_mode
 
 __all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "selected", "covers", "eager_ok", "checked",
            "lora_linear", "launch_low_rank", "forward_impl", "backward_impl", "LAUNCHES", "param"]
 
-_OFF = {"0", "off", "false", "no"}
-#: off unless asked for: measured on an H200 (benchmarks/fused.py, 0.6B, 8 x 512, Triton 3.6) the fused step
-#: was slower than the plain one (LoRA q,v 1.38x the base against 1.19x): the step is bound by the host,
-#: and a Triton launch from Python costs more host time than the torch ops it replaces
-_MODE = os.environ.get("ADAPTERS_FUSED", "0").strip().lower() or "0"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_RANK = 128
 _INT32 = 2**31
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 #: Triton kernel launches since import (a counter for tests and benchmarks; one ``+= 1`` per launch)
 LAUNCHES = [0]
-_HAS_TRITON: bool | None = None
 _CHECKED: dict[tuple[str, int | None, torch.dtype], bool] = {}
 _KERNEL: Any = None
 #: whether the kernel was built by Triton's CPU interpreter (``TRITON_INTERPRET=1`` when it was imported)
 _INTERPRETED = False
 
 
-class FusedPathWarning(UserWarning):
-    """The fused kernel failed its first-use check on a device and dtype; torch ops compute there instead."""
-
-
-def fused_mode() -> str:
-    """The current mode: ``"auto"``, ``"0"`` or ``"force"`` (see the module docstring)."""
-    return _MODE
-
-
-def set_fused_mode(mode: str) -> str:
-    """Set the mode (``"auto"`` / ``"1"`` / ``"on"``, ``"0"`` / ``"off"``, ``"force"``); returns the previous one.
-
-    :raises ValueError: an unknown mode.
-    """
-    global _MODE
-    mode = str(mode).strip().lower()
-    if mode in _OFF:
-        mode = "0"
-    elif mode in ("1", "on", "true", "yes", ""):
-        mode = "auto"
-    elif mode not in ("auto", "force"):
-        raise ValueError(f"ADAPTERS_FUSED mode must be auto, 0 or force, not {mode!r}.")
-    previous, _MODE = _MODE, mode
-    return previous
-
-
-set_fused_mode(_MODE)
-
-
-def _triton_installed() -> bool:
-    global _HAS_TRITON
-    if _HAS_TRITON is None:
-        _HAS_TRITON = importlib.util.find_spec("triton") is not None
-    return _HAS_TRITON
-
-
 def selected(x: torch.Tensor) -> bool:
     """Whether the mode selects the fused path for tensors like ``x`` (device and Triton only)."""
-    mode = _MODE
-    if mode == "0":
-        return False
-    return (x.is_cuda or mode == "force") and _triton_installed()
+    return fused_selected(x)
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -114,19 +67,6 @@ def _kernels() -> Any:
         _INTERPRETED = type(fused_kernels.low_rank_add).__name__ == "InterpretedFunction"
         _KERNEL = fused_kernels
     return _KERNEL
-
-
-_PROGRAMS: dict[int | None, int] = {}
-
-
-def _programs(device: torch.device) -> int:
-    """How many programs a launch should have to fill ``device`` (small on CPU, so tests exercise splits)."""
-    if device.type != "cuda":
-        return 4
-    count = _PROGRAMS.get(device.index)
-    if count is None:
-        count = _PROGRAMS[device.index] = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return count
 
 
 def _next_pow2(n: int) -> int:
@@ -146,7 +86,7 @@ def launch_low_rank(inp: torch.Tensor, down: torch.Tensor, up: torch.Tensor, out
     bm, bk, bn, br = 64, 64, 64, max(16, _next_pow2(r))
     grid_m = -(-m // bm)
     blocks = -(-n // bn) if out is not None else 1
-    split = min(blocks, max(1, -(-_programs(inp.device) // grid_m)))
+    split = min(blocks, max(1, -(-device_programs(inp.device) // grid_m)))
     per_prog = -(-blocks // split)
     split = -(-blocks // per_prog)
     target = out if out is not None else h_out
