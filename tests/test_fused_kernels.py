@@ -20,41 +20,14 @@ import torch
 
 pytest.importorskip("triton")
 
+from adapters import fused_switch
 from adapters.testing import count_kernel_ops
 from adapters_bottleneck import fused as bn_fused
 from adapters_bottleneck.config import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from adapters_bottleneck.units import Bottleneck
 from adapters_lora import fused
 
-BF16_TOL = dict(rtol=2e-2, atol=2e-2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    """Triton's CPU interpreter for this module (set before the kernels are first imported, restored after)."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = previous
-
-
-@pytest.fixture(autouse=True)
-def _forced(_interpreter):
-    previous = fused.set_fused_mode("force")
-    yield
-    fused.set_fused_mode(previous)
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    """Equal to float32 rounding, or to bfloat16 / float16 tolerance relative to the largest value."""
-    scale = float(want.abs().max()) or 1.0
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
-    else:
-        torch.testing.assert_close(got.float(), want.float(), rtol=BF16_TOL["rtol"], atol=BF16_TOL["atol"] * scale)
+pytestmark = pytest.mark.usefixtures("fused_forced")  # the interpreter and ADAPTERS_FUSED=force (conftest)
 
 
 # ------------------------------------------------------------------------------------------ LoRA
@@ -89,18 +62,18 @@ def _grads(fn, x, weight, bias, lora_a, lora_b, g, scaling):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(24, 40, 72, 4), (130, 64, 100, 8), (5, 33, 150, 20)])
-def test_lora_matches_plain_path(dtype, shape) -> None:
+def test_lora_matches_plain_path(close, dtype, shape) -> None:
     """Forward and the gradients of x, A, B; ragged sizes, ranks that are not powers of two, row blocks
     shorter than a block and column splits (four programs per launch on CPU)."""
     x, weight, bias, lora_a, lora_b, g = _lora_tensors(*shape, dtype)
     got = _grads(fused.lora_linear, x, weight, bias, lora_a, lora_b, g, 2.0)
     want = _grads(_plain_lora, x, weight, bias, lora_a, lora_b, g, 2.0)
     for a, b in zip(got, want):
-        _close(a, b, dtype)
+        close(a, b, dtype)
     assert got[1].abs().max() > 0 and got[2].abs().max() > 0
 
 
-def test_lora_strided_inputs_no_bias_and_frozen_input() -> None:
+def test_lora_strided_inputs_no_bias_and_frozen_input(close) -> None:
     """Transposed views for x, A, B and the incoming gradient (strides are passed, nothing copied), no
     bias; then an input that needs no gradient (the kernel only computes s·g B)."""
     x, weight, _, lora_a, lora_b, g = _lora_tensors(40, 48, 36, 6, torch.float32, bias=False)
@@ -112,7 +85,7 @@ def test_lora_strided_inputs_no_bias_and_frozen_input() -> None:
     got = _grads(fused.lora_linear, xt, weight, None, at, bt, gt, 0.5)
     want = _grads(_plain_lora, x, weight, None, lora_a, lora_b, g, 0.5)
     for a, b in zip(got, want):
-        _close(a, b, torch.float32)
+        close(a, b, torch.float32)
     frozen_x = x.detach()
     for t in (lora_a, lora_b):
         t.grad = None
@@ -121,8 +94,8 @@ def test_lora_strided_inputs_no_bias_and_frozen_input() -> None:
     for t in (lora_a, lora_b):
         t.grad = None
     _plain_lora(frozen_x, weight, None, lora_a, lora_b, 0.5).backward(g)
-    _close(got_ab[0], lora_a.grad, torch.float32)
-    _close(got_ab[1], lora_b.grad, torch.float32)
+    close(got_ab[0], lora_a.grad, torch.float32)
+    close(got_ab[1], lora_b.grad, torch.float32)
 
 
 def test_lora_declines_what_it_does_not_cover() -> None:
@@ -143,7 +116,7 @@ def test_lora_declines_what_it_does_not_cover() -> None:
         fused.set_fused_mode("sometimes")
 
 
-def test_lora_under_compile_and_checkpointing() -> None:
+def test_lora_under_compile_and_checkpointing(close) -> None:
     """``torch.compile(fullgraph=True)`` records the custom op (a graph break would raise) and gives
     the eager gradients; non-reentrant checkpointing recomputes the fused forward."""
     x, weight, bias, lora_a, lora_b, g = _lora_tensors(24, 32, 40, 4, torch.float32)
@@ -162,30 +135,17 @@ def test_lora_under_compile_and_checkpointing() -> None:
     got = torch.autograd.grad(compiled(x, lora_a, lora_b), (x, lora_a, lora_b))
     assert fused.LAUNCHES[0] - before == 2  # the kernel ran forward and backward inside the graph
     for a, b in zip(got, want):
-        _close(a, b, torch.float32)
+        close(a, b, torch.float32)
     from torch.utils.checkpoint import checkpoint
 
     before = fused.LAUNCHES[0]
     got = torch.autograd.grad(checkpoint(loss, x, lora_a, lora_b, use_reentrant=False), (x, lora_a, lora_b))
     assert fused.LAUNCHES[0] - before == 3  # forward, recomputed forward, backward
     for a, b in zip(got, want):
-        _close(a, b, torch.float32)
+        close(a, b, torch.float32)
 
 
-def _launch_counter(monkeypatch, module) -> list[int]:
-    """Replace ``module.launch_*`` by a counter (outputs keep their values: counts only) and mark the
-    kernels checked, so :func:`count_kernel_ops` sees the ATen operations around the launches."""
-    calls = [0]
-    names = [n for n in vars(module) if n.startswith("launch_")]
-    for name in names:
-        monkeypatch.setattr(module, name, lambda *a, **k: calls.__setitem__(0, calls[0] + 1))
-    for name in ("_kernels_ok", "_dora_ok"):
-        if hasattr(module, name):
-            monkeypatch.setattr(module, name, lambda t: True)
-    return calls
-
-
-def test_lora_launches_saved(monkeypatch) -> None:
+def test_lora_launches_saved(launch_counter) -> None:
     """Per site the plain path runs 3 operations forward and 8 backward (5 ``mm``, 2 ``mul`` for the
     scaling, 1 ``add`` joining the input gradients); the fused path 2 forward (``addmm`` + the kernel)
     and 4 backward (3 ``mm`` + the kernel)."""
@@ -202,7 +162,7 @@ def test_lora_launches_saved(monkeypatch) -> None:
         return run
 
     plain_fwd, plain_step = count_kernel_ops(fwd(_plain_lora)), count_kernel_ops(step(_plain_lora))
-    calls = _launch_counter(monkeypatch, fused)
+    calls = launch_counter(fused)
     fused_fwd = count_kernel_ops(fwd(fused.lora_linear))
     assert calls[0] == 1
     fused_step = count_kernel_ops(step(fused.lora_linear))
@@ -213,11 +173,11 @@ def test_lora_launches_saved(monkeypatch) -> None:
     assert plain_step["aten.mul"] == 2 and plain_step["aten.add"] == 1
 
 
-def test_lora_failed_check_warns_and_falls_back(monkeypatch) -> None:
+def test_lora_failed_check_warns_and_falls_back(close, monkeypatch) -> None:
     """A kernel that fails its first-use check is not used: a warning, the plain path eagerly, and the
     custom op's implementation computes with torch ops (what a compiled graph calls)."""
     x, weight, bias, lora_a, lora_b, g = _lora_tensors(12, 16, 20, 4, torch.float32)
-    monkeypatch.setattr(fused, "_CHECKED", {})
+    monkeypatch.setattr(fused_switch, "_CHECKS", {})  # the first-use check runs again
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel here")
@@ -226,13 +186,13 @@ def test_lora_failed_check_warns_and_falls_back(monkeypatch) -> None:
     with pytest.warns(fused.FusedPathWarning, match="no kernel here"):
         assert fused.lora_linear(x, weight, bias, lora_a, lora_b, 2.0) is None
     y, hs = fused.forward_impl(x.detach(), weight, bias, lora_a.detach(), lora_b.detach(), 2.0)
-    _close(y, _plain_lora(x, weight, bias, lora_a, lora_b, 2.0).detach(), torch.float32)
-    _close(hs, 2.0 * x.detach() @ lora_a.detach().t(), torch.float32)
+    close(y, _plain_lora(x, weight, bias, lora_a, lora_b, 2.0).detach(), torch.float32)
+    close(hs, 2.0 * x.detach() @ lora_a.detach().t(), torch.float32)
     gx, ga, gb = fused.backward_impl(g, x.detach(), weight, lora_a.detach(), lora_b.detach(), hs, 2.0,
                                      True, True, True)
     want = _grads(_plain_lora, x, weight, bias, lora_a, lora_b, g, 2.0)[1:]
     for a, b in zip((gx, ga, gb), want):
-        _close(a, b, torch.float32)
+        close(a, b, torch.float32)
 
 
 def test_import_adapters_does_not_import_triton() -> None:
@@ -247,13 +207,6 @@ def test_import_adapters_does_not_import_triton() -> None:
 
 
 # ------------------------------------------------------------------------------------------ bottleneck
-@pytest.fixture(autouse=True)
-def _bn_forced(_interpreter):
-    previous = bn_fused.set_fused_mode("force")
-    yield
-    bn_fused.set_fused_mode(previous)
-
-
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
@@ -288,7 +241,7 @@ BN_CASES = [  # (config, dtype): each input form, every activation the kernel ha
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # numpy in the interpreter
 @pytest.mark.parametrize("config, dtype", BN_CASES, ids=lambda v: getattr(v, "non_linearity", str(v)))
-def test_bottleneck_matches_plain_path(config, dtype) -> None:
+def test_bottleneck_matches_plain_path(close, config, dtype) -> None:
     """Forward and the gradients of h, x and the four weights against :class:`Bottleneck`'s own forward."""
     module = _bottleneck(config, 80, dtype)
     gen = torch.Generator().manual_seed(1)
@@ -301,7 +254,7 @@ def test_bottleneck_matches_plain_path(config, dtype) -> None:
         if b is None:  # "self": x is not an input
             assert a is None
             continue
-        _close(a, b, dtype)
+        close(a, b, dtype)
 
 
 def test_bottleneck_declines_what_it_does_not_cover() -> None:
@@ -322,7 +275,7 @@ def test_bottleneck_declines_what_it_does_not_cover() -> None:
     assert bn_fused.bottleneck(_bottleneck(SeqBnConfig(), 32, torch.float32), h, x, True) is None
 
 
-def test_bottleneck_under_compile() -> None:
+def test_bottleneck_under_compile(close) -> None:
     module = _bottleneck(SeqBnConfig(), 48, torch.float32)
     gen = torch.Generator().manual_seed(2)
     h, x, g = (torch.randn(20, 48, generator=gen) for _ in range(3))
@@ -343,4 +296,4 @@ def test_bottleneck_under_compile() -> None:
     got = torch.autograd.grad(compiled(h, x), (h, x, *params))
     assert bn_fused.LAUNCHES[0] - before == 2
     for a, b in zip(got, want):
-        _close(a, b, torch.float32)
+        close(a, b, torch.float32)

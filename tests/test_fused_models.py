@@ -5,8 +5,6 @@ operations each adapted site adds, counted. The kernels alone: ``test_fused_kern
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -15,46 +13,7 @@ pytest.importorskip("triton")
 from adapters_bottleneck import fused as bn_fused
 from adapters_lora import fused, fused_dora
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    """Triton's CPU interpreter for this module (set before the kernels are first imported, restored after)."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = previous
-
-
-@pytest.fixture(autouse=True)
-def _forced(_interpreter):
-    previous = fused.set_fused_mode("force")  # one mode for both packages (adapters.fused_switch)
-    assert bn_fused.fused_mode() == "force"
-    yield
-    fused.set_fused_mode(previous)
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    """Equal to float32 rounding, or to bfloat16 tolerance relative to the largest value."""
-    scale = float(want.abs().max()) or 1.0
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
-    else:
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * scale)
-
-
-def _launch_counter(monkeypatch, module) -> list[int]:
-    """Replace ``module.launch_*`` by a counter (outputs keep their values: counts only) and mark the
-    kernels checked, so :func:`adapters.testing.count_kernel_ops` sees the ATen operations around them."""
-    calls = [0]
-    for name in [n for n in vars(module) if n.startswith("launch_")]:
-        monkeypatch.setattr(module, name, lambda *a, **k: calls.__setitem__(0, calls[0] + 1))
-    for name in ("_kernels_ok", "_dora_ok"):
-        if hasattr(module, name):
-            monkeypatch.setattr(module, name, lambda t: True)
-    return calls
+pytestmark = pytest.mark.usefixtures("fused_forced")  # the interpreter and ADAPTERS_FUSED=force (conftest)
 
 
 # ------------------------------------------------------------------------------------------ DoRA
@@ -78,7 +37,7 @@ def _dora_layer(dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dora_matches_plain_path(dtype) -> None:
+def test_dora_matches_plain_path(close, dtype) -> None:
     """The layer's forward on the fused path (norm kernel, LoRA kernel with DoRA's epilogue, gradient
     kernel) against DoRADelta's: output and the gradients of x, A, B and the magnitude."""
     layer, module = _dora_layer(dtype)
@@ -94,10 +53,10 @@ def test_dora_matches_plain_path(dtype) -> None:
     out = layer(x)
     want = [out, *torch.autograd.grad(out, wrt, g)]
     for a, b in zip(got, want):
-        _close(a.detach(), b.detach(), dtype)
+        close(a.detach(), b.detach(), dtype)
 
 
-def test_dora_under_compile_and_declines() -> None:
+def test_dora_under_compile_and_declines(close) -> None:
     layer, module = _dora_layer(torch.float32)
     x = torch.randn(12, layer.in_features, generator=torch.Generator().manual_seed(2)).requires_grad_()
     wrt = [x, module.lora_A, module.lora_B, module.magnitude]
@@ -108,7 +67,7 @@ def test_dora_under_compile_and_declines() -> None:
     got = torch.autograd.grad(compiled(x), wrt)
     assert fused.LAUNCHES[0] - before == 4
     for a, b in zip(got, want):
-        _close(a, b, torch.float32)
+        close(a, b, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fused_dora.dora_layer(layer, module, x) is None  # autocast: the plain path casts
     module.dropout = torch.nn.Dropout(0.1)
@@ -141,7 +100,7 @@ ALL_LORA = "lora[r=4, alpha=8, attn_matrices=['q','k','v','o'], intermediate_lor
     (ALL_LORA, "seq_bn", 6, False),  # 6 LoRA projections (q, k, v, o, up, down): one kernel per pass each
     ("dora[r=4, alpha=8]", "par_bn", 4, True),  # DoRA on q and v: two kernels per pass each
 ])
-def test_model_training_step_matches_plain(lora, bn, per_layer, checkpointing) -> None:
+def test_model_training_step_matches_plain(close, lora, bn, per_layer, checkpointing) -> None:
     """LoRA / DoRA and a bottleneck adapter in a tiny Qwen3: the fused step's loss and every adapter
     gradient equal the plain step's (``ADAPTERS_FUSED=0``), without and with gradient checkpointing
     (non-reentrant: the forward runs again in the backward pass)."""
@@ -170,10 +129,10 @@ def test_model_training_step_matches_plain(lora, bn, per_layer, checkpointing) -
     bn_fused.set_fused_mode("0")
     want = step()
     for a, b in zip(got, want):
-        _close(a.detach(), b.detach(), torch.float32)
+        close(a.detach(), b.detach(), torch.float32)
 
 
-def test_model_launches_saved(monkeypatch) -> None:
+def test_model_launches_saved(launch_counter) -> None:
     """ATen operations per adapted site in a tiny Qwen3, against the frozen base, with the launches
     replaced by counters: LoRA (scaling 2) adds 2 forward and 7 backward on the plain path, 0 + 1 kernel
     forward and 2 + 1 kernel backward fused; seq_bn adds 5 and 9 plain, 0 + 1 kernel and 5 + 1 kernel
@@ -191,7 +150,7 @@ def test_model_launches_saved(monkeypatch) -> None:
     assert plain == ((2 * sites_lora + 5 * sites_bn), (2 + 7) * sites_lora + (5 + 9) * sites_bn)
     fused.set_fused_mode("force")
     bn_fused.set_fused_mode("force")
-    lora_calls, bn_calls = _launch_counter(monkeypatch, fused), _launch_counter(monkeypatch, bn_fused)
+    lora_calls, bn_calls = launch_counter(fused), launch_counter(bn_fused)
     for p in model.parameters():
         p.grad = None  # the plain step's gradients would be accumulated into (one add_ per parameter)
     forward = count_step_ops(model, embeds, False) - base_infer  # no gradients: the plain path
@@ -208,7 +167,7 @@ def test_model_launches_saved(monkeypatch) -> None:
     fused.set_fused_mode("force")
     for p in model.parameters():
         p.grad = None
-    dora_calls = _launch_counter(monkeypatch, fused_dora)
+    dora_calls = launch_counter(fused_dora)
     lora_calls[0] = 0
     # DoRA fused: x Wᵀ replaces the base's own GEMM; backward adds the zeroed accumulator and two mm
     assert count_step_ops(model, embeds, True) - base_train == 3 * sites_lora

@@ -23,6 +23,7 @@ EXPECTED = sorted([
     "ALL_LINEAR", "check_module_fields", "select_modules", "target_config", "local_module_path", "task_model_path",
     "names_match", "PEFT_PREFIX", "PEFT_WEIGHTS", "PEFT_WEIGHTS_PT", "peft_weights_path",
     "pattern_value", "FusedPathWarning", "device_programs", "fused_mode", "fused_selected", "set_fused_mode",
+    "kernels_pass",
     "adapter_dtype_at",
 ])
 

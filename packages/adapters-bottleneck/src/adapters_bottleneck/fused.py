@@ -24,7 +24,6 @@ under ``torch.compile``. Triton is imported on first use only.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from adapters.plugin import FusedPathWarning, device_programs, fused_mode, fused_selected, set_fused_mode
+from adapters.plugin import FusedPathWarning, device_programs, fused_mode, fused_selected, kernels_pass, set_fused_mode
 
 __all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "bottleneck", "forward_impl", "backward_impl",
            "LAUNCHES"]
@@ -41,7 +40,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BOTTLENECK = 128
 _PLAIN = (torch.Tensor, nn.Parameter)
 LAUNCHES = [0]  # Triton kernel launches since import (tests, benchmarks)
-_CHECKED: dict[tuple[str, int | None, torch.dtype], bool] = {}
 _KERNELS: Any = None
 _INTERPRETED = False
 
@@ -121,39 +119,19 @@ def _act_grad(pre: torch.Tensor, act: int) -> torch.Tensor:
 
 
 def _kernels_ok(t: torch.Tensor) -> bool:
-    key = (t.device.type, t.device.index, t.dtype)
-    ok = _CHECKED.get(key)
-    if ok is None:
-        ok = _CHECKED[key] = _self_check(t.device, t.dtype)
-    return ok
+    """Whether the kernels passed their first-use check for ``t``'s device and dtype (checked once)."""
+    return kernels_pass("bottleneck", t, _check_pairs)
 
 
-def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
-    """Both kernels on small tensors against torch (gelu, a sum input, column splits); ``False`` and a
-    :class:`FusedPathWarning` when a launch raises or disagrees."""
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * 0.5).to(device=device, dtype=dtype)
-
-    h, x, wd, bd, wu, bu, g = rand(80, 96), rand(80, 96), rand(24, 96), rand(24), rand(96, 24), rand(96), rand(80, 96)
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    try:
-        with torch.no_grad():
-            got_f = forward_impl(h, x, wd, bd, wu, bu, 2.0, 3, "sum", check=False)
-            got_b = backward_impl(g, h, x, wd, wu, *got_f[1:], 2.0, 3, "sum", True, True, check=False)
-            ref_f = _torch_forward(h, x, wd, bd, wu, bu, 2.0, 3, "sum")
-            ref_b = _torch_backward(g, h, x, wd, wu, *ref_f[1:], 2.0, 3, "sum", True, True)
-            for got, ref in zip((*got_f, *got_b), (*ref_f, *ref_b)):
-                ref = ref.float()
-                if not torch.allclose(got.float(), ref, rtol=tol, atol=tol * float(ref.abs().max())):
-                    raise RuntimeError(f"mismatch: max error {float((got.float() - ref).abs().max()):.3g}")
-    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernels here
-        warnings.warn(f"adapters_bottleneck: the fused bottleneck kernels failed their check on {device} / {dtype} "
-                      f"({exc}); torch ops compute the fused path there (ADAPTERS_FUSED=0: the plain path).",
-                      FusedPathWarning, stacklevel=3)
-        return False
-    return True
+def _check_pairs(device: torch.device, dtype: torch.dtype, rand: Any) -> list[tuple[Tensor, Tensor]]:
+    """Both kernels on small tensors (gelu, a sum input, column splits) with torch's results."""
+    h, x, wd, bd, wu, bu, g = (rand(*shape) * 0.5 for shape in ((80, 96), (80, 96), (24, 96), (24,), (96, 24), (96,),
+                                                                (80, 96)))
+    got_f = forward_impl(h, x, wd, bd, wu, bu, 2.0, 3, "sum", check=False)
+    got_b = backward_impl(g, h, x, wd, wu, *got_f[1:], 2.0, 3, "sum", True, True, check=False)
+    ref_f = _torch_forward(h, x, wd, bd, wu, bu, 2.0, 3, "sum")
+    ref_b = _torch_backward(g, h, x, wd, wu, *ref_f[1:], 2.0, 3, "sum", True, True)
+    return list(zip((*got_f, *got_b), (*ref_f, *ref_b)))
 
 
 def _empty(t: torch.Tensor) -> torch.Tensor:

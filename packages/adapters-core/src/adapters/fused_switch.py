@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
+from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "fused_selected", "device_programs"]
+__all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "fused_selected", "device_programs", "kernels_pass"]
+
+#: ``pairs(device, dtype, rand)``: kernel launches on small tensors, returned with torch's results as
+#: ``(got, want)`` pairs; ``rand(*shape)`` gives seeded standard-normal values on that device and dtype
+CheckPairs = Callable[[torch.device, torch.dtype, Callable[..., torch.Tensor]], Iterable[tuple[torch.Tensor,
+                                                                                             torch.Tensor]]]
 
 
 class FusedPathWarning(UserWarning):
@@ -24,6 +31,8 @@ class FusedPathWarning(UserWarning):
 _MODE = "0"
 _HAS_TRITON: bool | None = None
 _PROGRAMS: dict[int | None, int] = {}
+#: first-use check results by (kernels, device type, device index, dtype)
+_CHECKS: dict[tuple[str, str, int | None, torch.dtype], bool] = {}
 
 
 def fused_mode() -> str:
@@ -69,3 +78,36 @@ def device_programs(device: torch.device) -> int:
     if count is None:
         count = _PROGRAMS[device.index] = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return count
+
+
+def kernels_pass(what: str, t: torch.Tensor, pairs: CheckPairs) -> bool:
+    """Whether the fused kernels ``what`` passed their first-use check on ``t``'s device and dtype: the first
+    call runs ``pairs`` (:data:`CheckPairs`) without gradients and remembers the answer; ``False`` and a
+    :class:`FusedPathWarning` when a launch raises or a pair disagrees (relative to the largest wanted
+    value: 1e-4 in float32, 5e-2 in half precision)."""
+    key = (what, t.device.type, t.device.index, t.dtype)
+    ok = _CHECKS.get(key)
+    if ok is None:
+        ok = _CHECKS[key] = _check(what, t.device, t.dtype, pairs)
+    return ok
+
+
+def _check(what: str, device: torch.device, dtype: torch.dtype, pairs: CheckPairs) -> bool:
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    try:
+        with torch.no_grad():
+            for got, want in pairs(device, dtype, rand):
+                want = want.float()
+                if not torch.allclose(got.float(), want, rtol=tol, atol=tol * float(want.abs().max())):
+                    raise RuntimeError(f"mismatch: max error {float((got.float() - want).abs().max()):.3g}")
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernels here
+        warnings.warn(f"the fused {what} kernels failed their check on {device} / {dtype} ({exc}); torch ops "
+                      "compute the fused path there (ADAPTERS_FUSED=0: the plain path).", FusedPathWarning,
+                      stacklevel=4)
+        return False
+    return True

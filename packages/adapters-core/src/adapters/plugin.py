@@ -43,7 +43,14 @@ from .foreign import (
     task_model_path,
 )
 from .frames import LayerFrame, current_frame, frame_child
-from .fused_switch import FusedPathWarning, device_programs, fused_mode, fused_selected, set_fused_mode
+from .fused_switch import (
+    FusedPathWarning,
+    device_programs,
+    fused_mode,
+    fused_selected,
+    kernels_pass,
+    set_fused_mode,
+)
 from .hookspecs import PLUGIN_API_VERSION, hookimpl
 from .interface import AdapterModelInterface
 from .linear import AdapterLinear, FusedParts, Rows, count_rows, is_linear_like, param, row_index
@@ -81,6 +88,7 @@ __all__ = [
     "device_programs",
     "fused_mode",
     "fused_selected",
+    "kernels_pass",
     "set_fused_mode",
     "LoadedCheckpoint",
     "Target",

@@ -28,16 +28,23 @@ Double backward is not supported (``once_differentiable``). DoRA builds on this 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from adapters.plugin import FusedPathWarning, device_programs, fused_mode, fused_selected, param, set_fused_mode
+from adapters.plugin import (
+    FusedPathWarning,
+    device_programs,
+    fused_mode,
+    fused_selected,
+    kernels_pass,
+    param,
+    set_fused_mode,
+)
 
-__all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "selected", "covers", "eager_ok", "checked",
+__all__ = ["FusedPathWarning", "fused_mode", "set_fused_mode", "selected", "covers", "eager_ok",
            "lora_linear", "launch_low_rank", "forward_impl", "backward_impl", "LAUNCHES", "param"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,7 +53,6 @@ _INT32 = 2**31
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 #: Triton kernel launches since import (a counter for tests and benchmarks; one ``+= 1`` per launch)
 LAUNCHES = [0]
-_CHECKED: dict[tuple[str, int | None, torch.dtype], bool] = {}
 _KERNEL: Any = None
 #: whether the kernel was built by Triton's CPU interpreter (``TRITON_INTERPRET=1`` when it was imported)
 _INTERPRETED = False
@@ -110,36 +116,7 @@ def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
 
 def _kernels_ok(t: torch.Tensor) -> bool:
     """Whether the kernel passed its first-use check for ``t``'s device and dtype (checked once)."""
-    key = (t.device.type, t.device.index, t.dtype)
-    ok = _CHECKED.get(key)
-    if ok is None:
-        ok = _CHECKED[key] = checked("LoRA", t.device, t.dtype, _lora_pairs)
-    return ok
-
-
-def checked(what: str, device: torch.device, dtype: torch.dtype,
-            pairs: Callable[[torch.device, torch.dtype, Callable[..., torch.Tensor]], list[tuple[Any, Any]]]) -> bool:
-    """Run ``pairs(device, dtype, rand)`` (kernel launches on small tensors, returned with torch's results
-    as ``(got, want)`` pairs; ``rand(*shape)``: seeded normal values) without gradients; ``False`` and a
-    :class:`FusedPathWarning` when it raises or a pair disagrees (relative to the largest wanted value)."""
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
-
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    try:
-        with torch.no_grad():
-            for got, want in pairs(device, dtype, rand):
-                want = want.float()
-                if not torch.allclose(got.float(), want, rtol=tol, atol=tol * float(want.abs().max())):
-                    raise RuntimeError(f"mismatch: max error {float((got.float() - want).abs().max()):.3g}")
-    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel here
-        warnings.warn(f"adapters_lora: the fused {what} kernels failed their check on {device} / {dtype} ({exc}); "
-                      "torch ops compute the fused path there (set ADAPTERS_FUSED=0 to use the plain path).",
-                      FusedPathWarning, stacklevel=4)
-        return False
-    return True
+    return kernels_pass("LoRA", t, _lora_pairs)
 
 
 def _lora_pairs(device: torch.device, dtype: torch.dtype, rand: Callable[..., torch.Tensor]) -> list[tuple[Any, Any]]:

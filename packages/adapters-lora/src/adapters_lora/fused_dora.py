@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from adapters.plugin import kernels_pass
+
 from . import fused
 
 if TYPE_CHECKING:
@@ -103,20 +105,13 @@ def backward_impl(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a
     return gx, ga, gb, (gm_acc.to(magnitude_dtype) if need[3] else None)
 
 
-_DORA_CHECKED: dict[tuple[str, int | None, torch.dtype], bool] = {}
-
-
 def _dora_ok(t: torch.Tensor) -> bool:
     """Whether DoRA's kernels passed their first-use check for ``t``'s device and dtype."""
-    key = (t.device.type, t.device.index, t.dtype)
-    ok = _DORA_CHECKED.get(key)
-    if ok is None:
-        ok = _DORA_CHECKED[key] = fused.checked("DoRA", t.device, t.dtype, _check_once)
-    return ok
+    return kernels_pass("DoRA", t, _check_once)
 
 
 def _check_once(device: torch.device, dtype: torch.dtype, rand: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(kernel result, torch result)`` pairs of the DoRA kernels on small tensors (for :func:`fused.checked`)."""
+    """``(kernel result, torch result)`` pairs of the DoRA kernels on small tensors (for ``kernels_pass``)."""
     w, a, b, mag, g = rand(40, 48), rand(8, 48), rand(40, 8), rand(40).abs() + 1, rand(80, 40)
     factor = torch.empty(40, device=device, dtype=torch.float32)
     norm = torch.empty(40, device=device, dtype=torch.float32)
