@@ -19,7 +19,7 @@ import adapters
 from adapters import AdapterTrainer, LoRAConfig
 from adapters.checkpoint import adapter_tensors
 from adapters.errors import AdapterError
-from adapters.testing import tiny_model
+from adapters.testing import tiny_dataset, tiny_model
 
 HAS_BOTTLENECK = importlib.util.find_spec("adapters_bottleneck") is not None
 SEQ = 10
@@ -35,16 +35,6 @@ def _model(task: str = "causal_lm", dtype: torch.dtype | None = None, freeze_hea
     if freeze_head and task == "causal_lm":
         model.lm_head.weight.requires_grad_(False)
     return model
-
-
-def _data(n: int = 16, seed: int = 0, labels: str = "lm") -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(4, 128, (SEQ,), generator=g)
-        label = ids.clone() if labels == "lm" else torch.randint(0, 2, (), generator=g)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": label})
-    return rows
 
 
 def _args(out: str, **kw) -> TrainingArguments:
@@ -68,13 +58,13 @@ def _base_snapshot(model) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------- refusal
 def test_refuses_model_without_init(tmp_path):
     with pytest.raises(AdapterError, match=r"adapters\.init"):
-        AdapterTrainer(model=tiny_model("qwen3", "causal_lm"), args=_args(tmp_path), train_dataset=_data(4))
+        AdapterTrainer(model=tiny_model("qwen3", "causal_lm"), args=_args(tmp_path), train_dataset=tiny_dataset(4))
 
 
 def test_refuses_to_train_without_trainable_adapter(tmp_path):
     model = tiny_model("qwen3", "causal_lm")
     adapters.init(model)
-    trainer = AdapterTrainer(model=model, args=_args(tmp_path), train_dataset=_data(4))
+    trainer = AdapterTrainer(model=model, args=_args(tmp_path), train_dataset=tiny_dataset(4))
     with pytest.raises(AdapterError, match="no adapter is set to be trained"):
         trainer.train()
     model.add_adapter("a", "lora")
@@ -90,7 +80,7 @@ def test_trains_only_adapter_weights_and_optimizer_sees_only_them(tmp_path):
     model = _model()
     before_base = _base_snapshot(model)
     before = _weights(model)
-    trainer = AdapterTrainer(model=model, args=_args(tmp_path), train_dataset=_data())
+    trainer = AdapterTrainer(model=model, args=_args(tmp_path), train_dataset=tiny_dataset())
     trainer.train()
     trainable = {id(p) for p in model._adapters_state.adapter_parameters("a")}
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
@@ -106,7 +96,7 @@ def test_trains_only_adapter_weights_and_optimizer_sees_only_them(tmp_path):
 def test_checkpoint_holds_only_adapter_weights_in_native_format(tmp_path):
     model = _model()
     trainer = AdapterTrainer(model=model, args=_args(tmp_path, save_strategy="steps", save_steps=2),
-                             train_dataset=_data())
+                             train_dataset=tiny_dataset())
     trainer.train()
     ckpt = tmp_path / "checkpoint-4"
     files = set(os.listdir(ckpt))
@@ -135,11 +125,11 @@ def test_checkpoint_holds_only_adapter_weights_in_native_format(tmp_path):
 def test_resume_from_checkpoint_restores_adapters_exactly(tmp_path):
     full = _model()
     AdapterTrainer(model=full, args=_args(tmp_path / "full", max_steps=6, save_strategy="steps", save_steps=3),
-                   train_dataset=_data()).train()
+                   train_dataset=tiny_dataset()).train()
     expected = _weights(full)
 
     resumed = _model()
-    trainer = AdapterTrainer(model=resumed, args=_args(tmp_path / "resumed", max_steps=6), train_dataset=_data())
+    trainer = AdapterTrainer(model=resumed, args=_args(tmp_path / "resumed", max_steps=6), train_dataset=tiny_dataset())
     trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
     assert trainer.state.global_step == 6
     got = _weights(resumed)
@@ -152,12 +142,12 @@ def test_resume_restores_trained_head(tmp_path):
     model = _model("seq_cls")
     assert model.score.weight.requires_grad
     AdapterTrainer(model=model, args=_args(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2),
-                   train_dataset=_data(labels="cls")).train()
+                   train_dataset=tiny_dataset(labels="cls")).train()
     ckpt = tmp_path / "run" / "checkpoint-2"
     head = load_file(str(ckpt / "trainable_params.safetensors"))
     assert set(head) == {"score.weight"}
     fresh = _model("seq_cls")
-    trainer = AdapterTrainer(model=fresh, args=_args(tmp_path / "resumed", max_steps=4), train_dataset=_data())
+    trainer = AdapterTrainer(model=fresh, args=_args(tmp_path / "resumed", max_steps=4), train_dataset=tiny_dataset())
     trainer._load_from_checkpoint(str(ckpt))
     assert torch.equal(fresh.score.weight, head["score.weight"])
     saved = load_file(str(ckpt / "a" / "adapter.safetensors"))
@@ -176,7 +166,7 @@ def test_load_best_model_at_end_reloads_best_adapters(tmp_path):
     args = _args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
                  load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True,
                  save_total_limit=5)
-    trainer = AdapterTrainer(model=model, args=args, train_dataset=_data(), eval_dataset=_data(4, seed=1),
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=tiny_dataset(), eval_dataset=tiny_dataset(4, seed=1),
                              compute_metrics=metric, preprocess_logits_for_metrics=lambda logits, _: logits[..., :1])
     trainer.train()
     assert len(calls) == 3
@@ -192,11 +182,11 @@ def test_load_best_model_at_end_reloads_best_adapters(tmp_path):
 def test_gradient_accumulation_matches_large_batch(tmp_path):
     big = _model()
     AdapterTrainer(model=big, args=_args(tmp_path / "big", max_steps=2, optim="sgd", learning_rate=1.0),
-                   train_dataset=_data(8)).train()
+                   train_dataset=tiny_dataset(8)).train()
     acc = _model()
     AdapterTrainer(model=acc, args=_args(tmp_path / "acc", max_steps=2, optim="sgd", learning_rate=1.0,
                                          per_device_train_batch_size=2, gradient_accumulation_steps=2),
-                   train_dataset=_data(8)).train()
+                   train_dataset=tiny_dataset(8)).train()
     start = _weights(_model())
     w_big, w_acc = _weights(big), _weights(acc)
     for k in w_big:
@@ -206,10 +196,10 @@ def test_gradient_accumulation_matches_large_batch(tmp_path):
 
 def test_gradient_checkpointing_gives_same_updates(tmp_path):
     plain = _model()
-    AdapterTrainer(model=plain, args=_args(tmp_path / "plain", max_steps=2), train_dataset=_data(8)).train()
+    AdapterTrainer(model=plain, args=_args(tmp_path / "plain", max_steps=2), train_dataset=tiny_dataset(8)).train()
     ckpt = _model()
     trainer = AdapterTrainer(model=ckpt, args=_args(tmp_path / "gc", max_steps=2, gradient_checkpointing=True),
-                             train_dataset=_data(8))
+                             train_dataset=tiny_dataset(8))
     trainer.train()
     assert ckpt.model.gradient_checkpointing
     start = _weights(_model())
@@ -222,7 +212,8 @@ def test_gradient_checkpointing_gives_same_updates(tmp_path):
 def test_bf16_autocast_on_cpu_keeps_fp32_weights(tmp_path):
     model = _model()
     before = _weights(model)
-    out = AdapterTrainer(model=model, args=_args(tmp_path, max_steps=2, bf16=True), train_dataset=_data(8)).train()
+    out = AdapterTrainer(model=model, args=_args(tmp_path, max_steps=2, bf16=True),
+                         train_dataset=tiny_dataset(8)).train()
     assert torch.isfinite(torch.tensor(out.training_loss))
     after = _weights(model)
     assert all(v.dtype == torch.float32 for v in after.values())
@@ -235,7 +226,7 @@ def test_bf16_model_stays_bf16_no_silent_upcast(tmp_path):
     frozen = _base_snapshot(model)
     before = _weights(model)
     assert all(v.dtype == torch.bfloat16 for v in before.values())  # adapters follow the model's dtype
-    AdapterTrainer(model=model, args=_args(tmp_path, max_steps=2, bf16=True), train_dataset=_data(8)).train()
+    AdapterTrainer(model=model, args=_args(tmp_path, max_steps=2, bf16=True), train_dataset=tiny_dataset(8)).train()
     for name, p in model.named_parameters():
         assert p.dtype == torch.bfloat16, name
         if name in frozen:
@@ -252,7 +243,7 @@ def test_torch_compile_trains_and_checkpoints(tmp_path):
     before = _weights(model)
     trainer = AdapterTrainer(model=model, args=_args(tmp_path, max_steps=2, torch_compile=True,
                                                      torch_compile_backend="aot_eager", save_strategy="steps",
-                                                     save_steps=2), train_dataset=_data(8))
+                                                     save_steps=2), train_dataset=tiny_dataset(8))
     out = trainer.train()
     assert torch.isfinite(torch.tensor(out.training_loss))
     after = _weights(model)
@@ -273,7 +264,7 @@ def test_fusion_training_checkpoints_and_restores_fusion(tmp_path):
     model.train_adapter_fusion(adapters.Fuse("x", "y"))
     model.lm_head.weight.requires_grad_(False)
     AdapterTrainer(model=model, args=_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
-                   train_dataset=_data(8)).train()
+                   train_dataset=tiny_dataset(8)).train()
     manifest = json.loads((tmp_path / "checkpoint-2" / "adapter_trainer.json").read_text())
     assert list(manifest["fusions"]) == [fusion] and manifest["trainable"] == [fusion]
     state = model._adapters_state

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 import adapters
 from adapters import LoRAConfig
 from adapters.checkpoint import adapter_tensors
-from adapters.testing import tiny_model
+from adapters.testing import tiny_dataset, tiny_model
 
 SEQ = 10
 ADAPTER_ONLY = {"adapter_trainer.json", "adapter_config.json", "adapter.safetensors", "model.safetensors.index.json",
@@ -35,16 +35,6 @@ def _model(task: str = "causal_lm", name: str = "a") -> torch.nn.Module:
     model.add_adapter(name, LoRAConfig(r=4, alpha=8, attn_matrices=["q", "v"], output_lora=True))
     model.train_adapter(name)
     return model
-
-
-def _rows(n: int = 16, seed: int = 0, labels: str = "lm") -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(4, 128, (SEQ,), generator=g)
-        label = ids.clone() if labels == "lm" else torch.randint(0, 2, (), generator=g)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": label})
-    return rows
 
 
 ARGS = {"use_cpu": True, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "max_steps": 4,
@@ -89,7 +79,8 @@ def _assert_equal_tensors(got: dict, want: dict) -> None:
 def test_trainer_checkpoints_hold_the_adapter_alone_and_reload_exactly(tmp_path):
     model = _model()
     before, frozen = adapter_tensors(model, "a"), _frozen(model)
-    trainer = Trainer(model=model, args=_args(tmp_path, save_strategy="steps", save_steps=2), train_dataset=_rows())
+    trainer = Trainer(model=model, args=_args(tmp_path, save_strategy="steps", save_steps=2),
+                      train_dataset=tiny_dataset())
     trainer.train()
     live = adapter_tensors(model, "a")
     _assert_trained(before, live, frozen, model)
@@ -121,14 +112,15 @@ def test_trainer_resume_continues_bit_for_bit_with_head_and_optimizer(tmp_path):
     # sequence classification: the "score" head trains beside the adapter and is checkpointed too
     full = _model("seq_cls")
     Trainer(model=full, args=_args(tmp_path / "full", max_steps=6, save_strategy="steps", save_steps=3),
-            train_dataset=_rows(labels="cls")).train()
+            train_dataset=tiny_dataset(labels="cls")).train()
     ckpt = tmp_path / "full" / "checkpoint-3"
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     assert index["score.weight"] == "trainable_params.safetensors"
 
     resumed = _model("seq_cls")
     live = {id(p) for p in resumed.parameters()}
-    trainer = Trainer(model=resumed, args=_args(tmp_path / "resumed", max_steps=6), train_dataset=_rows(labels="cls"))
+    trainer = Trainer(model=resumed, args=_args(tmp_path / "resumed", max_steps=6),
+                      train_dataset=tiny_dataset(labels="cls"))
     trainer.train(resume_from_checkpoint=str(ckpt))
     assert trainer.state.global_step == 6
     _assert_equal_tensors(adapter_tensors(resumed, "a"), adapter_tensors(full, "a"))
@@ -149,7 +141,7 @@ def test_trainer_load_best_model_at_end_restores_the_best_adapter(tmp_path):
     scores = iter([1.0, 0.0, 0.0])  # the first evaluation is the best one
     args = _args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
                  load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True)
-    trainer = Trainer(model=model, args=args, train_dataset=_rows(), eval_dataset=_rows(4, seed=1),
+    trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset(), eval_dataset=tiny_dataset(4, seed=1),
                       compute_metrics=lambda _pred: {"score": next(scores)},
                       preprocess_logits_for_metrics=lambda logits, _: logits[..., :1])
     trainer.train()
@@ -163,7 +155,7 @@ def test_trainer_load_best_model_at_end_restores_the_best_adapter(tmp_path):
 def test_save_model_and_save_pretrained_while_training_write_the_adapter_checkpoint(tmp_path):
     model = _model()
     model.add_adapter("b", "lora")  # added after train_adapter: frozen and inactive, so not part of the checkpoint
-    trainer = Trainer(model=model, args=_args(tmp_path / "run", max_steps=2), train_dataset=_rows(8))
+    trainer = Trainer(model=model, args=_args(tmp_path / "run", max_steps=2), train_dataset=tiny_dataset(8))
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     model.save_pretrained(str(tmp_path / "mine"))
@@ -186,7 +178,7 @@ def test_two_trained_adapters_get_one_directory_each_and_resume(tmp_path):
 
     model = two()
     Trainer(model=model, args=_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
-            train_dataset=_rows(8)).train()
+            train_dataset=tiny_dataset(8)).train()
     ckpt = tmp_path / "checkpoint-2"
     assert json.loads((ckpt / "adapter_trainer.json").read_text())["adapters"] == {"a": "a", "b": "b"}
     assert not (ckpt / "adapter_config.json").exists()
@@ -196,7 +188,7 @@ def test_two_trained_adapters_get_one_directory_each_and_resume(tmp_path):
     fresh.set_active_adapters(adapters.Stack("a", "b"))
     _assert_same_outputs(fresh, model)
     resumed = two()
-    Trainer(model=resumed, args=_args(tmp_path / "r"), train_dataset=_rows(8))._load_from_checkpoint(str(ckpt))
+    Trainer(model=resumed, args=_args(tmp_path / "r"), train_dataset=tiny_dataset(8))._load_from_checkpoint(str(ckpt))
     for name in ("a", "b"):
         _assert_equal_tensors(adapter_tensors(resumed, name), adapter_tensors(model, name))
 
@@ -212,7 +204,7 @@ def test_trained_fusion_is_checkpointed_and_restored_in_place(tmp_path):
     fusion = model.add_adapter_fusion(["x", "y"])
     model.train_adapter_fusion(adapters.Fuse("x", "y"))
     Trainer(model=model, args=_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
-            train_dataset=_rows(8)).train()
+            train_dataset=tiny_dataset(8)).train()
     ckpt = tmp_path / "checkpoint-2"
     manifest = json.loads((ckpt / "adapter_trainer.json").read_text())
     assert manifest["fusions"] == {fusion: "fusion-x_y"} and manifest["trainable"] == [fusion]

@@ -49,6 +49,7 @@ __all__ = [
     "frozen_base_step_ops",
     "supports",
     "tiny_config",
+    "tiny_dataset",
     "tiny_inputs",
     "tiny_model",
 ]
@@ -235,6 +236,19 @@ def tiny_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8, *, seed: i
         decoder_input_ids[:, 0] = config.decoder_start_token_id
         inputs["decoder_input_ids"] = decoder_input_ids
     return inputs
+
+
+def tiny_dataset(n: int = 16, seq: int = 10, *, seed: int = 0, labels: str = "lm") -> list[dict[str, torch.Tensor]]:
+    """``n`` seeded training rows for a ``Trainer`` on a :func:`tiny_model` (the global RNG is not touched):
+    ``input_ids`` (``seq`` plain tokens below :data:`VOCAB`), an all-ones ``attention_mask`` and ``labels``:
+    the ids themselves for ``"lm"``, one class of two (a 0-d tensor) for ``"cls"``."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(FIRST_PLAIN_TOKEN, VOCAB, (seq,), generator=gen)
+        label = ids.clone() if labels == "lm" else torch.randint(0, 2, (), generator=gen)
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": label})
+    return rows
 
 
 #: ATen ops that only make a new view of existing data or touch metadata: no kernel runs for them.
