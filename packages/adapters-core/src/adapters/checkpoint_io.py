@@ -18,7 +18,7 @@ from .errors import CheckpointError
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "WEIGHTS_FILE_PT", "HEAD_FILE", "EMBEDDINGS_FILE", "FUSION_CONFIG_FILE",
            "FUSION_WEIGHTS_FILE", "LoadedCheckpoint", "READERS", "read_json", "read_tensors", "head_tensors",
-           "embedding_tensors", "detect_format"]
+           "embedding_tensors", "detect_format", "tensor_shapes"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -61,6 +61,21 @@ def read_json(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is corrupt.")
     return data
+
+
+def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every named tensor in a weights file: read from a safetensors header without loading the
+    data (a ``torch.save``'d file is loaded, :func:`read_tensors`)."""
+    if path.endswith(".safetensors") and os.path.exists(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as fh:
+                return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); the file is corrupt or "
+                                  "truncated.") from None
+    return {key: tuple(t.shape) for key, t in read_tensors(path).items()}
 
 
 def read_tensors(path: str) -> dict[str, torch.Tensor]:

@@ -184,7 +184,7 @@ def select_modules(points: ModelPoints, config: Any, label: str) -> list[NamedMo
             entries = [e for e in wanted if name_matches_plain(e, names)]
             used.update(entries)
             hit = bool(entries)
-        if not hit or (excluded is not None and _excluded(excluded, names)):
+        if not hit or (excluded is not None and names_match(excluded, names)):
             continue
         if layer_filter is not None and layer not in layer_filter:
             continue
@@ -216,8 +216,6 @@ def names_match(spec: str | list[str], names: tuple[str, ...]) -> bool:
         return any(re.fullmatch(spec, n) for n in names)
     return any(name_matches_plain(e, names) for e in spec)
 
-
-_excluded = names_match
 
 
 def _check_found(wanted: str | list[str], used: set[str], chosen: list[NamedModule], all_names: list[str],

@@ -56,7 +56,6 @@ from .config import IA3Config, LoRAConfig
 
 __all__ = ["PEFT_WEIGHTS", "PEFT_WEIGHTS_PT", "read_peft", "save_peft"]
 
-PREFIX = PEFT_PREFIX
 #: PEFT tensor suffix -> (our tensor name, whether it belongs to an embedding)
 SUFFIXES = {"lora_A.weight": ("lora_A", False), "lora_B.weight": ("lora_B", False),
             "lora_magnitude_vector": ("magnitude", False), "lora_embedding_A": ("lora_A", True),
@@ -109,9 +108,9 @@ def _split(weights_path: str, tensors: dict[str, torch.Tensor], to_save: list[st
     base_copies: dict[str, torch.Tensor] = {}
     allowed = {"ia3_l"} if ia3 else set(SUFFIXES) - {"ia3_l"}
     for key, tensor in tensors.items():
-        if not key.startswith(PREFIX):
-            raise CheckpointError(f"{weights_path}: unexpected key '{key}' (PEFT keys start with '{PREFIX}').")
-        rest = key[len(PREFIX):]
+        if not key.startswith(PEFT_PREFIX):
+            raise CheckpointError(f"{weights_path}: unexpected key '{key}' (PEFT keys start with '{PEFT_PREFIX}').")
+        rest = key[len(PEFT_PREFIX):]
         suffix = next((s for s in allowed if rest.endswith("." + s)), None)
         if suffix is not None:
             module = rest[: -len(suffix) - 1]
@@ -283,10 +282,10 @@ def save_peft(model: nn.Module, directory: str, name: str) -> None:
         embedding = type(layer).__name__ == "LoRAEmbedding"
         if ia3:
             if "input_scale" in params:  # IA3 on the input: PEFT's feedforward_modules, ia3_l of shape (1, in)
-                out[f"{PREFIX}{path}.ia3_l"] = params["input_scale"].reshape(1, -1)
+                out[f"{PEFT_PREFIX}{path}.ia3_l"] = params["input_scale"].reshape(1, -1)
                 inputs.append(path)
             else:
-                out[f"{PREFIX}{path}.ia3_l"] = params["lora_B"].reshape(-1, 1)
+                out[f"{PEFT_PREFIX}{path}.ia3_l"] = params["lora_B"].reshape(-1, 1)
             continue
         if any(k.startswith("parts.") for k in params):
             tensors = _fused_tensors(layer, params, config.use_dora)
@@ -300,13 +299,13 @@ def save_peft(model: nn.Module, directory: str, name: str) -> None:
                 tensors["lora_magnitude_vector"] = params["magnitude"]
         first = next(iter(tensors.values()))
         ranks[path], scalings[path] = first.shape[0], float(scaling)
-        out.update({f"{PREFIX}{path}.{k}": v for k, v in tensors.items()})
+        out.update({f"{PEFT_PREFIX}{path}.{k}": v for k, v in tensors.items()})
     whole = dict(head_tensors(model))  # task head and trained input embeddings: PEFT's modules_to_save
     trained_embeddings = embedding_tensors(model)
     if trained_embeddings:
         whole.update({f"{state.points.embeddings.path}.{k}": v for k, v in trained_embeddings.items()})
     for key, tensor in whole.items():
-        out[PREFIX + task_model_path(model, key)] = tensor
+        out[PEFT_PREFIX + task_model_path(model, key)] = tensor
     peft_config = _peft_config(model, config, ia3, sorted(adapted), ranks, scalings, whole)
     if ia3:
         peft_config["feedforward_modules"] = sorted(inputs)
@@ -339,11 +338,11 @@ def _peft_config(model: nn.Module, config: LoRAConfig, ia3: bool, targets: list[
     r = max(ranks.values())
     top = Counter(s for p, s in scalings.items() if ranks[p] == r).most_common(1)[0][0]
     alpha = alpha_for(r, top)
+    alphas = {p: alpha_for(ranks[p], s) for p, s in scalings.items()}
     return {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": config.dropout, "bias": "none",
         "use_rslora": config.use_rslora, "use_dora": config.use_dora,
         "rank_pattern": {re.escape(p): v for p, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(p): alpha_for(ranks[p], s) for p, s in scalings.items()
-                          if alpha_for(ranks[p], s) != alpha},
+        "alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != alpha},
         "layers_to_transform": None, "init_lora_weights": True, **common,
     }

@@ -59,7 +59,6 @@ from .layer import VeraLinear, VeraVectors
 
 __all__ = ["PEFT_WEIGHTS", "PEFT_WEIGHTS_PT", "read_peft_vera", "save_peft_vera", "peft_projections"]
 
-PREFIX = PEFT_PREFIX
 PROJECTIONS = {"base_model.vera_A": "A", "base_model.vera_B": "B"}
 SUFFIXES = {"vera_lambda_d": "lambda_d", "vera_lambda_b": "lambda_b"}
 
@@ -121,10 +120,10 @@ def _split(weights_path: str, tensors: dict[str, torch.Tensor], to_save: list[st
         if key in PROJECTIONS:
             shared[PROJECTIONS[key]] = tensor
             continue
-        if not key.startswith(PREFIX):
+        if not key.startswith(PEFT_PREFIX):
             raise CheckpointError(f"{weights_path}: unexpected key '{key}' (PEFT VeRA keys are "
-                                  f"{sorted(PROJECTIONS)} or start with '{PREFIX}').")
-        rest = key[len(PREFIX):]
+                                  f"{sorted(PROJECTIONS)} or start with '{PEFT_PREFIX}').")
+        rest = key[len(PEFT_PREFIX):]
         module, _, leaf = rest.rpartition(".")
         if leaf in SUFFIXES:
             modules.setdefault(module, {})[SUFFIXES[leaf]] = tensor
@@ -274,8 +273,8 @@ def save_peft_vera(model: nn.Module, directory: str, name: str) -> None:
         lambda_b = unit.lambda_b.detach()
         if unit.scaling != 1.0:
             lambda_b = lambda_b * unit.scaling  # the same product our forward computes
-        out[f"{PREFIX}{path}.vera_lambda_d"] = unit.lambda_d.detach().clone().contiguous()
-        out[f"{PREFIX}{path}.vera_lambda_b"] = lambda_b.clone().contiguous()
+        out[f"{PEFT_PREFIX}{path}.vera_lambda_d"] = unit.lambda_d.detach().clone().contiguous()
+        out[f"{PEFT_PREFIX}{path}.vera_lambda_b"] = lambda_b.clone().contiguous()
     max_in = max(u.in_features for u in units)
     max_out = max(u.out_rows for u in units)
     out["base_model.vera_A"] = projections.A.detach()[:, :max_in].clone().contiguous()
@@ -285,7 +284,7 @@ def save_peft_vera(model: nn.Module, directory: str, name: str) -> None:
     if trained_embeddings:
         whole.update({f"{state.points.embeddings.path}.{k}": v for k, v in trained_embeddings.items()})
     for key, tensor in whole.items():
-        out[PREFIX + task_model_path(model, key)] = tensor
+        out[PEFT_PREFIX + task_model_path(model, key)] = tensor
     original = getattr(type(model), "_adapters_original_class", type(model))
     peft_config = {
         "peft_type": "VERA",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 
-from ..checkpoint_io import CONFIG_FILE, read_json, read_tensors
+from ..checkpoint_io import CONFIG_FILE, read_json, tensor_shapes
 from ..errors import AdapterError
 from ..foreign import PEFT_PREFIX, peft_weights_path
 from ..module_match import pattern_value
@@ -47,10 +47,10 @@ def servable_problems(directory: str) -> list[str]:
     r, alpha, rslora = cfg.get("r", 8), cfg.get("lora_alpha", 8), bool(cfg.get("use_rslora"))
     served = alpha / (math.sqrt(r) if rslora else r)
     ranks: dict[str, int] = {}
-    for key, tensor in read_tensors(weights).items():
+    for key, shape in tensor_shapes(weights).items():  # shapes from the file's header: no tensor is loaded
         if key.endswith((".lora_A.weight", ".lora_embedding_A")):
             module = key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0]
-            ranks[module] = int(tensor.shape[0])
+            ranks[module] = int(shape[0])
     too_big = sorted(m for m, k in ranks.items() if k > r)
     if too_big:
         problems.append(f"modules {too_big[:3]} have a rank above r={r}: servers size their buffers by r")
