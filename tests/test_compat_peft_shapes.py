@@ -211,3 +211,26 @@ def test_convert_servable_refuses_and_writes_nothing(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "d"), str(tmp_path / "d_peft"), *common]) == 2
     assert "DoRA is refused by vLLM" in capsys.readouterr().err
     assert not (tmp_path / "d_peft").exists()
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gpt2"])
+def test_fused_qkv_parts_export_states_the_real_rank(arch, tmp_path):
+    """Interface-placed LoRA on the parts of a fused q|k|v projection (Phi-3's qkv_proj, GPT-2's c_attn): the
+    file's ``r`` is the largest real tensor rank (what vLLM sizes by), every module's ``lora_alpha / r`` the
+    adapter's scaling where no pattern says otherwise, and peft reproduces the outputs."""
+    model = adapters.init(tiny_model(arch, "causal_lm"))
+    model.add_adapter("a", adapters.LoRAConfig(r=2, alpha=6, attn_matrices=["q", "k", "v", "o"], init_weights="bert"))
+    model.set_active_adapters("a")
+    inputs = tiny_inputs(model, batch=2, seq=6)
+    ref = _logits(model, inputs)
+    model.save_adapter(str(tmp_path), "a", format="peft")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    from safetensors.torch import load_file
+
+    ranks = {k: v.shape[0] for k, v in load_file(str(tmp_path / "adapter_model.safetensors")).items()
+             if k.endswith("lora_A.weight")}
+    assert cfg["r"] == max(ranks.values()) == 6  # three parts of rank 2 stacked
+    assert cfg["lora_alpha"] / cfg["r"] == 3.0  # the adapter's scaling, alpha / r = 6 / 2
+    assert adapters.servable_problems(str(tmp_path)) == []
+    back = peft.PeftModel.from_pretrained(tiny_model(arch, "causal_lm"), str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(back, inputs), ref, atol=1e-5, rtol=1e-5)
