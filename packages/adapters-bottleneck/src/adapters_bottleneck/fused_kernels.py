@@ -23,9 +23,11 @@ import triton.language as tl
 
 __all__ = ["bottleneck_fwd", "bottleneck_bwd"]
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# constexpr: a @jit function may read a global only when it is one (Triton 3.6 refuses plain floats at compile
+# time; the interpreter does not check, tests/test_fused_compile.py does)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
