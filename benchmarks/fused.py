@@ -7,7 +7,8 @@ forward + backward and peft's step in the same rounds (as ``run.py``: fused Adam
 own graph) and peft under ``torch.compile`` (``--compile-mode reduce-overhead``: CUDA graphs).
 
 Before timing, each method's step is checked: the loss and every adapter gradient with the path on against
-off (``max rel err``: the largest difference relative to the largest value, per tensor), and the Triton
+off (``max rel err``: the largest difference relative to the largest value, per tensor, and which tensor;
+``plain vs plain``: the same between two runs of the plain path, the device's own nondeterminism), and the Triton
 launches one step makes (``kernels/step``: 0 where the path covers nothing: LoReFT, and par_bn's 512-wide
 bottleneck at 0.6B).
 
@@ -65,27 +66,38 @@ def _in_mode(mode: str, fn: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def _step_values(model: torch.nn.Module, embeds: torch.Tensor, probe: torch.Tensor) -> list[torch.Tensor]:
-    """The loss and every adapter gradient of one step (no optimizer)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def _step_values(model: torch.nn.Module, embeds: torch.Tensor, probe: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The loss and every adapter gradient of one step (no optimizer), by name."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     x = embeds.detach().requires_grad_(True)
     loss = (model(inputs_embeds=x).last_hidden_state.float() * probe).mean()
-    return [loss.detach(), *torch.autograd.grad(loss, params)]
+    grads = torch.autograd.grad(loss, [p for _, p in named])
+    return {"loss": loss.detach(), **{n: g for (n, _), g in zip(named, grads)}}
 
 
-def check(model: torch.nn.Module, embeds: torch.Tensor, on: str) -> tuple[float, int]:
-    """``(max relative error of the loss and adapter gradients, on vs off; Triton launches per step on)``."""
+def _worst(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The largest difference relative to the largest value of a tensor, over the tensors, and which."""
+    errs = {k: float((got[k].float() - v.float()).abs().max() / v.float().abs().max().clamp_min(1e-30))
+            for k, v in want.items()}
+    name = max(errs, key=errs.get)
+    return errs[name], name
+
+
+def check(model: torch.nn.Module, embeds: torch.Tensor, on: str) -> dict[str, Any]:
+    """The step's values with the path on against off (``max_rel_err``, ``worst``: which tensor), the plain
+    path against itself run again (``noise``: the GPU's own nondeterminism, e.g. atomics in attention's
+    backward pass), and the Triton launches one step makes with the path on."""
     probe = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(1)).to(embeds.device)
     _set_mode("0")
     want = _step_values(model, embeds, probe)
+    noise, _ = _worst(_step_values(model, embeds, probe), want)
     _set_mode(on)
     _step_values(model, embeds, probe)  # first-use checks and compilation happen here
     before = _launches()
     got = _step_values(model, embeds, probe)
     launches = _launches() - before
-    err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
-              for a, b in zip(got, want))
-    return err, launches
+    err, worst = _worst(got, want)
+    return {"max_rel_err": err, "worst": worst, "noise": noise, "kernels_per_step": launches}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -126,7 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _randomise_adapter(model)
         row: dict[str, Any] = {"goal": GOALS.get(name)}
         if "on" in modes:
-            row["max_rel_err"], row["kernels_per_step"] = check(model, embeds, on)
+            row.update(check(model, embeds, on))
         theirs = peft_model(base, peft_key) if (peft_key and args.peft) else None
         if theirs is not None:
             theirs.eval()
@@ -166,7 +178,7 @@ def markdown(results: dict[str, Any]) -> str:
     header = "| method | goal | " + " | ".join(f"{c}" for c in cols)
     if results["compile"]:
         header += " | " + " | ".join(f"compiled {c}" for c in cols)
-    header += " | kernels/step | max rel err (on vs off) |"
+    header += " | kernels/step | max rel err (on vs off) | plain vs plain |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
 
     def cell(value: float | None) -> str:
@@ -177,9 +189,10 @@ def markdown(results: dict[str, Any]) -> str:
         cells = [cell(row["eager"].get(c)) for c in cols]
         if results["compile"]:
             cells += [cell(row.get("compiled", {}).get(c)) for c in cols]
-        err = row.get("max_rel_err")
+        err, noise = row.get("max_rel_err"), row.get("noise")
         lines.append(f"| {name} | {goal} | " + " | ".join(cells)
-                     + f" | {row.get('kernels_per_step', '–')} | {'–' if err is None else f'{err:.1e}'} |")
+                     + f" | {row.get('kernels_per_step', '–')} | {'–' if err is None else f'{err:.1e}'}"
+                     + (f" ({row['worst']})" if err else "") + f" | {'–' if noise is None else f'{noise:.1e}'} |")
     return "\n".join(lines) + "\n"
 
 
