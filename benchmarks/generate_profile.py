@@ -1,64 +1,171 @@
-"""Where generate() time goes with one LoRA against the base model (``--device cuda``): decode-step time and
-the operators launched per step, from torch.profiler. ``python benchmarks/generate_profile.py --device cuda``."""
+"""Where ``generate()`` time goes with one LoRA against the base model (issue #17's decode goal).
+
+Three measurements, ``python benchmarks/generate_profile.py --device cuda``:
+
+* ``ops``: host and device microseconds per call of the operations a LoRA site adds at decode shapes
+  (16 rows, the 0.6B model's q projection): the enqueue cost a host-bound decode step pays per launch;
+* ``generate``: ``generate()`` time against the base model, interleaved, for a plain copy of it
+  (``base_copy``: every other variant is a copy too), our LoRA, the merged LoRA, peft's LoRA, and two
+  *floors* that replace q and v by a bare module (``linear``: the same ``F.linear``
+  through one extra module call; ``lora``: ``F.linear`` + the two rank-r GEMMs, no adapter machinery),
+  which separate the cost of the extra operations from the cost of our code around them;
+* ``profile``: per variant, the kernels launched per decode step and the device time they take (does the
+  GPU or the host bound the step?), and the kernels the adapter adds.
+"""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve import LORA, build_lm  # benchmarks/ is not a package
+from serve import LORA, build_lm, generate, ours, theirs  # benchmarks/ is not a package
 
 
 def _sync(device: str) -> None:
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--size", default="0.6b")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    args = parser.parse_args()
+class _FloorLinear(nn.Module):
+    """``F.linear`` behind one module call (``rank == 0``), or with a rank-r LoRA delta in 2 more GEMMs."""
+
+    def __init__(self, base: nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.rank = rank
+        if rank:
+            w = base.weight
+            self.lora_a = torch.randn(rank, w.shape[1], device=w.device, dtype=w.dtype) * 1e-2
+            self.lora_b = torch.randn(w.shape[0], rank, device=w.device, dtype=w.dtype) * 1e-2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rank:
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = x2.mm(self.weight.t())
+        y2.addmm_(x2.mm(self.lora_a.t()), self.lora_b.t(), alpha=2.0)
+        return y2.view(*x.shape[:-1], y2.shape[-1])
+
+
+def floor(base: nn.Module, rank: int) -> nn.Module:
+    model = copy.deepcopy(base)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.q_proj, attn.v_proj = _FloorLinear(attn.q_proj, rank), _FloorLinear(attn.v_proj, rank)
+    return model
+
+
+def op_costs(device: str, dtype: torch.dtype, rows: int = 16, n: int = 2000) -> None:
+    x = torch.randn(rows, 1024, device=device, dtype=dtype)
+    w = torch.randn(2048, 1024, device=device, dtype=dtype)
+    a = torch.randn(8, 1024, device=device, dtype=dtype)
+    b = torch.randn(2048, 8, device=device, dtype=dtype)
+    y = x.mm(w.t())
+    h = x.mm(a.t())
+    cases: dict[str, Callable[[], object]] = {
+        "F.linear(x, W)": lambda: F.linear(x, w),
+        "x.mm(W.t())": lambda: x.mm(w.t()),
+        "x.mm(A.t())": lambda: x.mm(a.t()),
+        "y.addmm_(h, B.t(), alpha)": lambda: y.addmm_(h, b.t(), alpha=2.0),
+        "torch.addmm(y, h, B.t())": lambda: torch.addmm(y, h, b.t(), alpha=2.0),
+        "h @ B.t() then y += ": lambda: y.add_(h.mm(b.t())),
+        "y.add_(y)": lambda: y.add_(y),
+    }
+    print(f"== per-op cost at {rows} rows ({dtype}): host us/call (enqueue), device us/call (synchronised)")
+    for name, fn in cases.items():
+        for _ in range(50):
+            fn()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - start) / n
+        _sync(device)
+        total = (time.perf_counter() - start) / n
+        print(f"  {name:28s} host {1e6 * host:7.1f}  total {1e6 * total:7.1f}")
+
+
+def kernels_per_step(fn: Callable[[], None], device: str, steps: int) -> tuple[Counter, dict[str, float], float]:
     from torch.profiler import ProfilerActivity, profile
 
-    import adapters
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(device)
+    counts: Counter = Counter()
+    times: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA or (not device.startswith("cuda")
+                                                              and e.key.startswith("aten::")):
+            counts[e.key] += e.count
+            times[e.key] = times.get(e.key, 0.0) + e.self_device_time_total
+    return counts, times, sum(times.values()) / 1e3 / steps
 
-    model = build_lm(args.size, torch.bfloat16 if args.device == "cuda" else torch.float32, args.device)
-    adapters.init(model)
-    model.add_adapter("a", config=LORA)
-    ids = torch.randint(4, 1000, (16, 128), device=args.device)
 
-    def run() -> None:
-        model.generate(input_ids=ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                       do_sample=False)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", default="0.6b")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-peft", dest="peft", action="store_false")
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    op_costs(args.device, dtype, args.batch)
 
-    for setup in (None, "a", None, "a"):
-        model.set_active_adapters(setup)
-        with torch.no_grad():
-            run()
+    base = build_lm(args.size, dtype, args.device)
+    merged = ours(base, 1)
+    merged.merge_adapter("a0")
+    models = {"base": base, "base_copy": copy.deepcopy(base), "ours": ours(base, 1), "merged": merged,
+              "floor_linear": floor(base, 0),
+              "floor_lora": floor(base, 8)}
+    if args.peft:
+        peft_model = theirs(base, 1)
+        if peft_model is not None:
+            models["peft"] = peft_model
+    ids = torch.randint(4, base.config.vocab_size, (args.batch, args.prompt), device=args.device)
+    fns = {k: generate(m, ids, args.new_tokens) for k, m in models.items()}
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for index in range(args.repeats):
+        for key in (list(fns) if index % 2 == 0 else list(fns)[::-1]):
             _sync(args.device)
             start = time.perf_counter()
-            run()
+            fns[key]()
             _sync(args.device)
-        print(f"{setup or 'base'}: {1000 * (time.perf_counter() - start) / args.new_tokens:.2f} ms per new token")
-    for setup in (None, "a"):
-        model.set_active_adapters(setup)
-        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run()
-            _sync(args.device)
-        events = prof.key_averages()
-        counts = Counter({e.key: e.count for e in events if e.key.startswith("aten::")})
-        print(f"== {setup or 'base'}: aten ops {sum(counts.values())}, self CPU "
-              f"{sum(e.self_cpu_time_total for e in events) / 1000:.1f} ms, self CUDA "
-              f"{sum(e.self_device_time_total for e in events) / 1000:.1f} ms")
-        print(events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40))
+            samples[key].append(time.perf_counter() - start)
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    print(f"== generate {args.batch} x {args.prompt} + {args.new_tokens} new tokens ({LORA} on q, v): "
+          "ms per new token, time vs base")
+    for key, v in t.items():
+        print(f"  {key:14s} {1e3 * v / args.new_tokens:7.2f} ms   {v / t['base']:.3f}x")
+
+    base_counts: Counter | None = None
+    for key in models:
+        counts, times, device_ms = kernels_per_step(fns[key], args.device, args.new_tokens)
+        print(f"== {key}: {sum(counts.values()) / args.new_tokens:.0f} kernels per new token, device "
+              f"{device_ms:.2f} ms per new token (wall {1e3 * t[key] / args.new_tokens:.2f} ms)")
+        if base_counts is None:
+            base_counts = counts
+            continue
+        added = {k: (c - base_counts.get(k, 0)) for k, c in counts.items() if c != base_counts.get(k, 0)}
+        for name, extra in sorted(added.items(), key=lambda kv: -abs(kv[1]))[:6]:
+            mean_us = times.get(name, 0.0) / max(counts[name], 1)
+            print(f"    {extra / args.new_tokens:+7.1f} per token  {mean_us:6.1f} us each  {name[:90]}")
 
 
 if __name__ == "__main__":

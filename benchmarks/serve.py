@@ -1,7 +1,11 @@
 """Serving many adapters from one base model: mixed batches, generate(), merged adapters; peft beside us.
 
 Every figure is a ratio against a reference measured in the same process, interleaved (base, ours, peft,
-..., then the same in reverse order), medians after warm-up:
+..., then the same in reverse order), medians after warm-up. Every model measured, the base reference
+included, is a ``copy.deepcopy`` of one template model: on the H200 machine's host a copy whose q and v
+projections run exactly the base computation measured 1.10x the template itself in ``generate()``
+(``benchmarks/generate_profile.py``: ``floor_linear`` against ``base``), a difference of provenance that
+has nothing to do with adapters.
 
 * ``mixed``: one inference forward of a batch whose rows go to K different LoRA adapters (q, v, r 8,
   alpha 16; K in ``--ks``, rows assigned round-robin, so a batch has ``max(batch, K)`` rows): ours with
@@ -44,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import SIZES, _timeit
 
 LORA = "lora[r=8, alpha=16]"  # q and v
+PARTS = ("mixed", "generate", "merged")
 
 
 def build_lm(size: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -139,7 +144,8 @@ def rows(k: int, batch: int) -> list[str]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    base = build_lm(args.size, dtype, device)
+    template = build_lm(args.size, dtype, device)
+    base = copy.deepcopy(template)  # the reference: a copy like every other model measured (module docstring)
     vocab = base.config.vocab_size
     gen = torch.Generator().manual_seed(0)
 
@@ -148,9 +154,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     kmax = max(args.ks)
     start = time.perf_counter()
-    model = ours(base, max(kmax, 8))
+    model = ours(template, max(kmax, 8))
     setup_s = time.perf_counter() - start
-    peft_model = theirs(base, max(kmax, 8)) if args.peft else None
+    peft_model = theirs(template, max(kmax, 8)) if args.peft else None
     out: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
@@ -160,7 +166,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(f"{out['params'] / 1e6:.1f}M params, {kmax} adapters added in {setup_s:.1f} s")
 
-    for k in args.ks:  # -- mixed batches
+    for k in args.ks if "mixed" in args.parts else ():  # -- mixed batches
         names = rows(k, args.batch)
         ids = tokens(len(names), args.seq)
         fns = {"base": forward(base, ids), "one": forward(model, ids),
@@ -177,28 +183,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         out["mixed"][k] = row
         print(f"  mixed K={k}: " + json.dumps({key: round(v, 3) for key, v in row.items()}))
 
-    merged = ours(base, 1)  # -- generate and merged: one adapter, merged
+    merged = ours(template, 1)  # -- generate and merged: one adapter, merged
     merged.merge_adapter("a0")
-    peft_merged = theirs(base, 1) if args.peft else None
+    peft_merged = theirs(template, 1) if args.peft else None
     if peft_merged is not None:
         peft_merged.merge_adapter()
-    prompt = tokens(args.gen_batch, args.prompt)
-    per_row = [f"a{i % 8}" for i in range(args.gen_batch - 1)] + ["__base__"]
-    fns = {"base": generate(base, prompt, args.new_tokens), "one": generate(model, prompt, args.new_tokens),
-           "per_row": generate(model, prompt, args.new_tokens, adapter_names=per_row),
-           "merged": generate(merged, prompt, args.new_tokens)}
-    if peft_model is not None:
-        fns["peft_one"] = generate(peft_model, prompt, args.new_tokens)
-        fns["peft_per_row"] = generate(peft_model, prompt, args.new_tokens, adapter_names=per_row)
-    if peft_merged is not None:
-        fns["peft_merged"] = generate(peft_merged, prompt, args.new_tokens)
-    t = interleaved(fns, device, max(1, args.warmup // 2), args.gen_repeats)
-    new = args.gen_batch * args.new_tokens
-    out["generate"] = {key: {"tokens_per_s": new / v, "time_vs_base": v / t["base"]} for key, v in t.items()}
-    out["generate_shape"] = [args.gen_batch, args.prompt, args.new_tokens]
-    print("  generate: " + json.dumps({key: round(v["time_vs_base"], 3) for key, v in out["generate"].items()}))
+    if "generate" in args.parts:
+        generate_table(args, out, {"base": base, "one": model, "merged": merged, "peft_one": peft_model,
+                                   "peft_merged": peft_merged}, tokens(args.gen_batch, args.prompt))
 
-    for shape in (args.merged_small, args.merged_large):
+    for shape in (args.merged_small, args.merged_large) if "merged" in args.parts else ():
         ids = tokens(*shape)
         fns = {"base": forward(base, ids), "merged": forward(merged, ids), "one": forward(model, ids)}
         if peft_merged is not None:
@@ -208,9 +202,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                                    **{key: t[key] / t["base"] for key in t if key != "base"}}
         print(f"  merged {shape[0]}x{shape[1]}: " + json.dumps({key: round(v, 3) for key, v in
                                                               out["merged"][f"{shape[0]}x{shape[1]}"].items()}))
-    del model, peft_model, merged, peft_merged
+    del model, peft_model, merged, peft_merged, template, base
     gc.collect()
     return out
+
+
+def generate_table(args: argparse.Namespace, out: dict[str, Any], models: dict[str, Any], prompt: torch.Tensor) -> None:
+    """``out["generate"]``: generate() with each model (``None``: not installed) and per-row adapters."""
+    per_row = [f"a{i % 8}" for i in range(args.gen_batch - 1)] + ["__base__"]
+    fns = {key: generate(m, prompt, args.new_tokens) for key, m in models.items() if m is not None}
+    fns["per_row"] = generate(models["one"], prompt, args.new_tokens, adapter_names=per_row)
+    if models.get("peft_one") is not None:
+        fns["peft_per_row"] = generate(models["peft_one"], prompt, args.new_tokens, adapter_names=per_row)
+    t = interleaved(fns, args.device, max(1, args.warmup // 2), args.gen_repeats)
+    new = args.gen_batch * args.new_tokens
+    out["generate"] = {key: {"tokens_per_s": new / v, "time_vs_base": v / t["base"]} for key, v in t.items()}
+    out["generate_shape"] = [args.gen_batch, args.prompt, args.new_tokens]
+    print("  generate: " + json.dumps({key: round(v["time_vs_base"], 3) for key, v in out["generate"].items()}))
 
 
 def _peft_version() -> str | None:
@@ -230,35 +238,32 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"Qwen3-shaped random causal LM, {r['size']} ({r['params'] / 1e6:.1f}M params), {r['dtype']}, {r['device']}, "
         f"torch {r['torch']}, {r['date']}; LoRA q, v, r 8; {peft} in brackets. Command: `{r['command']}`.",
-        "",
-        "Mixed batch, one forward (`adapter_names`, rows round-robin over K adapters), against the base model and "
-        "against one adapter for the whole batch:",
-        "",
-        "| K adapters | rows × tokens | one adapter vs base | mixed vs base | mixed vs one adapter |",
-        "|---:|---:|---:|---:|---:|",
     ]
+    if r["mixed"]:
+        lines += ["", "Mixed batch, one forward (`adapter_names`, rows round-robin over K adapters), against the base "
+                  "model and against one adapter for the whole batch:", "",
+                  "| K adapters | rows × tokens | one adapter vs base | mixed vs base | mixed vs one adapter |",
+                  "|---:|---:|---:|---:|---:|"]
     for k, row in r["mixed"].items():
         lines.append(f"| {k} | {row['batch']} × {r['seq']} | {_x(row['one'])} ({_x(row.get('peft_one'))}) | "
                      f"{_x(row['mixed'])} ({_x(row.get('peft_mixed'))}) | {_x(row['mixed_vs_one'])} "
                      f"({_x(row.get('peft_mixed_vs_one'))}) |")
-    b, p, n = r["generate_shape"]
+    if r["generate"]:
+        b, p, n = r["generate_shape"]
+        lines += ["", f"`generate()`, {b} prompts × {p} tokens, {n} new tokens each (greedy): tokens/s and time "
+                  "against the base model:", "",
+                  "| variant | tokens/s | time vs base | peft tokens/s | peft time vs base |",
+                  "|---|---:|---:|---:|---:|"]
     g = r["generate"]
-    lines += [
-        "",
-        f"`generate()`, {b} prompts × {p} tokens, {n} new tokens each (greedy): tokens/s and time against the base "
-        "model:",
-        "",
-        "| variant | tokens/s | time vs base | peft tokens/s | peft time vs base |",
-        "|---|---:|---:|---:|---:|",
-    ]
     for key, label in (("base", "base model"), ("one", "one LoRA"), ("per_row", "per-row adapters (8 + a base row)"),
-                       ("merged", "one LoRA, merged")):
+                       ("merged", "one LoRA, merged")) if g else ():
         peft_row = g.get("peft_" + key) if key != "base" else None
         lines.append(f"| {label} | {g[key]['tokens_per_s']:,.0f} | {_x(g[key]['time_vs_base'])} | "
                      f"{'–' if peft_row is None else format(peft_row['tokens_per_s'], ',.0f')} | "
                      f"{_x(None if peft_row is None else peft_row['time_vs_base'])} |")
-    lines += ["", "Merged LoRA (and unmerged, for reference) against the base model:", "",
-              "| shape | merged | peft merged | unmerged |", "|---|---:|---:|---:|"]
+    if r["merged"]:
+        lines += ["", "Merged LoRA (and unmerged, for reference) against the base model:", "",
+                  "| shape | merged | peft merged | unmerged |", "|---|---:|---:|---:|"]
     for shape, row in r["merged"].items():
         lines.append(f"| {shape} | {_x(row['merged'])} | {_x(row.get('peft_merged'))} | {_x(row['one'])} |")
     return "\n".join(lines) + "\n"
@@ -280,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadier on shared machines)")
     parser.add_argument("--no-peft", dest="peft", action="store_false")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="tables to measure")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny model, K 1 and 8, few repeats")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
@@ -298,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     args.prompt = pick(args.prompt, 128, 16, 8)
     args.new_tokens = pick(args.new_tokens, 64, 16, 8)
     args.repeats = pick(args.repeats, 30, 21, 3)
-    args.gen_repeats = pick(args.gen_repeats, 5, 5, 2)
+    args.gen_repeats = pick(args.gen_repeats, 15, 5, 2)
     args.warmup = pick(args.warmup, 5, 3, 1)
     args.merged_repeats = args.repeats * (2 if gpu else 5)  # ratios near 1.00: more samples for the median
     args.merged_small = (1, 128) if gpu else (1, 16)
