@@ -4,7 +4,9 @@ For each method one adapter model is built and measured twice in the same interl
 switched per call with ``set_fused_mode``: ``on`` = ``auto``, ``off`` = ``0``), with the frozen base's
 forward + backward and peft's step in the same rounds (as ``run.py``: fused AdamW, medians after warm-up).
 ``--compile`` repeats the table with base, ours (both modes: dynamo guards on the mode, so each has its
-own graph) and peft under ``torch.compile`` (``--compile-mode reduce-overhead``: CUDA graphs).
+own graph) and peft under ``torch.compile`` (``--compile-mode reduce-overhead``: CUDA graphs), each a copy
+whose decoder layers are compiled one by one (identical layers share a graph: the 0.6B model compiles in
+about one layer's time; ``--compile-scope model`` compiles the whole model instead).
 
 Before timing, each method's step is checked: the loss and every adapter gradient with the path on against
 off (``max rel err``: the largest difference relative to the largest value, per tensor, and which tensor;
@@ -100,6 +102,19 @@ def check(model: torch.nn.Module, embeds: torch.Tensor, on: str) -> dict[str, An
     return {"max_rel_err": err, "worst": worst, "noise": noise, "kernels_per_step": launches}
 
 
+def compiled_copy(model: torch.nn.Module, mode: str | None, scope: str) -> torch.nn.Module:
+    """A copy of ``model`` under ``torch.compile``: each decoder layer compiled (``scope="layers"``, regional
+    compilation: identical layers share one compiled graph, so a 28-layer model compiles in about the time of
+    one) or the whole model (``"model"``)."""
+    model = copy.deepcopy(model)
+    if scope == "model":
+        return torch.compile(model, mode=mode)
+    layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+    for layer in layers:
+        layer.compile(mode=mode)
+    return model
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import adapters
 
@@ -144,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             theirs.eval()
             _randomise_adapter(theirs)
         for comp in compiled:
-            wrap = (lambda m: torch.compile(m, mode=args.compile_mode)) if comp else (lambda m: m)
+            wrap = (lambda m: compiled_copy(m, args.compile_mode, args.compile_scope)) if comp else (lambda m: m)
             fns = {"base": base_train_step(wrap(base), embeds)}
             ours = adapter_train_step(wrap(model), embeds)
             for label, mode in modes.items():
@@ -205,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fused", choices=["on", "off", "both"], default="both")
     parser.add_argument("--compile", action="store_true", help="also measure under torch.compile")
     parser.add_argument("--compile-mode", default=None, choices=[None, "reduce-overhead", "max-autotune"])
+    parser.add_argument("--compile-scope", default="layers", choices=["layers", "model"],
+                        help="compile each decoder layer (default: one compiled graph for all) or the whole model")
     parser.add_argument("--no-peft", dest="peft", action="store_false")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
