@@ -3,7 +3,8 @@
 Three measurements, ``python benchmarks/generate_profile.py --device cuda``:
 
 * ``ops``: host and device microseconds per call of the operations a LoRA site adds at decode shapes
-  (16 rows, the 0.6B model's q projection): the enqueue cost a host-bound decode step pays per launch;
+  (16 rows, the 0.6B model's q projection): the enqueue cost a host-bound decode step pays per launch,
+  and what a Triton launch from Python costs (a trivial kernel, the fused LoRA kernel);
 * ``generate``: ``generate()`` time against the base model, interleaved, for a plain copy of it
   (``base_copy``: every other variant is a copy too), our LoRA, the merged LoRA, peft's LoRA, and two
   *floors* that replace q and v by a bare module (``linear``: the same ``F.linear``
@@ -82,6 +83,7 @@ def op_costs(device: str, dtype: torch.dtype, rows: int = 16, n: int = 2000) -> 
         "h @ B.t() then y += ": lambda: y.add_(h.mm(b.t())),
         "y.add_(y)": lambda: y.add_(y),
     }
+    cases.update(_triton_cases(x, a, b, y))
     print(f"== per-op cost at {rows} rows ({dtype}): host us/call (enqueue), device us/call (synchronised)")
     for name, fn in cases.items():
         for _ in range(50):
@@ -94,6 +96,32 @@ def op_costs(device: str, dtype: torch.dtype, rows: int = 16, n: int = 2000) -> 
         _sync(device)
         total = (time.perf_counter() - start) / n
         print(f"  {name:28s} host {1e6 * host:7.1f}  total {1e6 * total:7.1f}")
+
+
+try:  # optional: the Triton launch costs are measured where it is installed
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+except ImportError:
+    triton = None
+
+
+def _triton_cases(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> dict[str, Callable]:
+    """Host cost of a Triton launch from Python: a 4-argument copy kernel and the fused LoRA kernel
+    (``adapters_lora.fused.launch_low_rank``: 20 runtime arguments); CUDA with Triton only."""
+    if triton is None or not x.is_cuda:
+        return {}
+    from adapters_lora import fused
+
+    flat, out = x.reshape(-1), torch.empty_like(x).reshape(-1)
+    h = torch.empty(x.shape[0], a.shape[0], device=x.device, dtype=x.dtype)
+    return {"triton copy (4 args)": lambda: _copy_kernel[(-(-flat.numel() // 1024),)](flat, out, flat.numel(),
+                                                                                       BLOCK=1024),
+            "triton LoRA: y += s(xA)B": lambda: fused.launch_low_rank(x, a.t(), b.t(), y, h, 2.0)}
 
 
 def kernels_per_step(fn: Callable[[], None], device: str, steps: int) -> tuple[Counter, dict[str, float], float]:
