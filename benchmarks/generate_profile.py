@@ -9,7 +9,8 @@ Three measurements, ``python benchmarks/generate_profile.py --device cuda``:
   (``base_copy``: every other variant is a copy too), our LoRA, the merged LoRA, peft's LoRA, and two
   *floors* that replace q and v by a bare module (``linear``: the same ``F.linear``
   through one extra module call; ``lora``: ``F.linear`` + the two rank-r GEMMs, no adapter machinery),
-  which separate the cost of the extra operations from the cost of our code around them;
+  which separate the cost of the extra operations from the cost of our code around them; with Triton on
+  CUDA also ours with ``ADAPTERS_FUSED=auto`` (``ours_fused``: the one-launch decode kernel);
 * ``profile``: per variant, the kernels launched per decode step and the device time they take (does the
   GPU or the host bound the step?), and the kernels the adapter adds.
 """
@@ -124,6 +125,20 @@ def _triton_cases(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, y: torch.Te
             "triton LoRA: y += s(xA)B": lambda: fused.launch_low_rank(x, a.t(), b.t(), y, h, 2.0)}
 
 
+def _in_fused_mode(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with ``ADAPTERS_FUSED=auto`` (LoRA's decode kernel, ``adapters_lora.fused_decode``) while it runs."""
+    from adapters.plugin import set_fused_mode
+
+    def run() -> None:
+        previous = set_fused_mode("auto")
+        try:
+            fn()
+        finally:
+            set_fused_mode(previous)
+
+    return run
+
+
 def kernels_per_step(fn: Callable[[], None], device: str, steps: int) -> tuple[Counter, dict[str, float], float]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -166,6 +181,8 @@ def main() -> None:
             models["peft"] = peft_model
     ids = torch.randint(4, base.config.vocab_size, (args.batch, args.prompt), device=args.device)
     fns = {k: generate(m, ids, args.new_tokens) for k, m in models.items()}
+    if triton is not None and args.device.startswith("cuda"):  # our LoRA with the one-launch decode kernel
+        fns["ours_fused"] = _in_fused_mode(fns["ours"])
     for fn in fns.values():
         fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
@@ -183,7 +200,7 @@ def main() -> None:
         print(f"  {key:14s} {1e3 * v / args.new_tokens:7.2f} ms   {v / t['base']:.3f}x")
 
     base_counts: Counter | None = None
-    for key in models:
+    for key in fns:
         counts, times, device_ms = kernels_per_step(fns[key], args.device, args.new_tokens)
         print(f"== {key}: {sum(counts.values()) / args.new_tokens:.0f} kernels per new token, device "
               f"{device_ms:.2f} ms per new token (wall {1e3 * t[key] / args.new_tokens:.2f} ms)")

@@ -2,10 +2,11 @@
 
 The interpreter runs a kernel's Python: it does not check what the compiler refuses (a Triton 3.6 H200 run
 found the bottleneck kernels reading plain-float globals, which compiled kernels may not). Here every kernel
-launch that the fused LoRA, DoRA and bottleneck paths make in a training step (float32 and bfloat16, every
-bottleneck input form and activation) is recorded under the interpreter, then the same kernel with the same
-argument types and compile-time constants is compiled ahead of time to PTX for Hopper (sm_90) and Ampere
-(sm_80) with the installed Triton: no GPU is needed for that, only Triton's bundled ``ptxas``.
+launch that the fused LoRA, DoRA and bottleneck paths make in a training step, and LoRA's decode kernel in an
+inference forward (float32 and bfloat16, every bottleneck input form and activation), is recorded under the
+interpreter; then the same kernel with the same argument types and compile-time constants is compiled ahead
+of time to PTX for Hopper (sm_90) and Ampere (sm_80) with the installed Triton: no GPU is needed for that,
+only Triton's bundled ``ptxas``.
 """
 
 from __future__ import annotations
@@ -84,9 +85,11 @@ def _tiny(lora: str, bottleneck: str, dtype: torch.dtype) -> torch.nn.Module:
     return model.to(dtype)
 
 
-def _training_step(model: torch.nn.Module, dtype: torch.dtype) -> None:
+def _training_step_and_inference(model: torch.nn.Module, dtype: torch.dtype) -> None:
     embeds = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
-    model(inputs_embeds=embeds.requires_grad_()).last_hidden_state.float().square().mean().backward()
+    model(inputs_embeds=embeds.clone().requires_grad_()).last_hidden_state.float().square().mean().backward()
+    with torch.no_grad():  # inference at few rows: LoRA's decode kernel
+        model(inputs_embeds=embeds)
 
 
 def _jit_copy(path: str, name: str) -> Any:
@@ -116,8 +119,9 @@ def _compile(kernel: Any, kinds: tuple[str, ...], constants: dict[str, Any], arc
 
 @pytest.mark.parametrize("arch", [90, 80])
 def test_every_launched_kernel_compiles_for_gpus(recorded, arch) -> None:
-    """Every kernel launch a LoRA, DoRA, seq_bn and par_bn training step makes, in float32 and bfloat16 and
-    with each bottleneck activation, compiles to PTX (the GPU's own settings: no interpreter upcast)."""
+    """Every kernel launch a LoRA, DoRA, seq_bn and par_bn training step (and a LoRA inference forward)
+    makes, in float32 and bfloat16 and with each bottleneck activation, compiles to PTX (the GPU's own
+    settings: no interpreter upcast)."""
     setups = [("lora[r=4, alpha=8, attn_matrices=['q','k','v','o'], intermediate_lora=True, output_lora=True]",
                "seq_bn[reduction_factor=8]"),
               ("dora[r=4, alpha=8]", "par_bn[reduction_factor=8]"),
@@ -125,9 +129,9 @@ def test_every_launched_kernel_compiles_for_gpus(recorded, arch) -> None:
     setups += [("lora[r=4, alpha=8]", f"seq_bn[reduction_factor=8, non_linearity={act}]") for act in _ACTIVATIONS]
     for dtype in (torch.float32, torch.bfloat16):
         for lora, bottleneck in setups:
-            _training_step(_tiny(lora, bottleneck, dtype), dtype)
+            _training_step_and_inference(_tiny(lora, bottleneck, dtype), dtype)
     names = {name for name, _, _ in recorded}
-    assert names == {"low_rank_add", "dora_norm", "dora_grad", "bottleneck_fwd", "bottleneck_bwd"}, names
+    assert names == {"low_rank_add", "dora_norm", "dora_grad", "lora_decode", "bottleneck_fwd", "bottleneck_bwd"}, names
     acts = {dict(c)["ACT"] for name, _, c in recorded if name.startswith("bottleneck")}
     assert acts >= set(_ACTIVATIONS.values()), acts
     modules = {"lora": _jit_copy(inspect.getfile(fused._kernels()), "_compile_check_lora_kernels"),

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from adapters_bottleneck import fused as bn_fused
-from adapters_lora import fused, fused_dora
+from adapters_lora import fused, fused_decode, fused_dora
 
 pytestmark = pytest.mark.usefixtures("fused_forced")  # the interpreter and ADAPTERS_FUSED=force (conftest)
 
@@ -137,7 +137,8 @@ def test_model_launches_saved(launch_counter) -> None:
     replaced by counters: LoRA (scaling 2) adds 2 forward and 7 backward on the plain path, 0 + 1 kernel
     forward and 2 + 1 kernel backward fused; seq_bn adds 5 and 9 plain, 0 + 1 kernel and 5 + 1 kernel
     fused (two ``mm``, two ``sum``, the residual stream's gradient ``add``); a DoRA training step adds 28
-    plain (19 of them forward), 3 + 4 kernels fused (the zeroed accumulator and two ``mm`` backward)."""
+    plain (19 of them forward), 3 + 4 kernels fused (the zeroed accumulator and two ``mm`` backward). An
+    inference forward (16 rows) runs LoRA's decode kernel: one launch and no ATen operation per site."""
     from adapters.testing import count_step_ops, frozen_base_step_ops
 
     embeds, base_infer, base_train = frozen_base_step_ops("qwen3")
@@ -151,10 +152,12 @@ def test_model_launches_saved(launch_counter) -> None:
     fused.set_fused_mode("force")
     bn_fused.set_fused_mode("force")
     lora_calls, bn_calls = launch_counter(fused), launch_counter(bn_fused)
+    decode_calls = launch_counter(fused_decode)
     for p in model.parameters():
         p.grad = None  # the plain step's gradients would be accumulated into (one add_ per parameter)
-    forward = count_step_ops(model, embeds, False) - base_infer  # no gradients: the plain path
-    assert forward == plain[0] and lora_calls[0] == bn_calls[0] == 0
+    forward = count_step_ops(model, embeds, False) - base_infer  # no gradients: LoRA's decode kernel (16 rows)
+    assert forward == -sites_lora + 5 * sites_bn and decode_calls[0] == sites_lora  # its base GEMM moved in too
+    assert lora_calls[0] == bn_calls[0] == 0
     training = count_step_ops(model, embeds, True) - base_train
     assert lora_calls[0] == 2 * sites_lora and bn_calls[0] == 2 * sites_bn
     assert training == 2 * sites_lora + 5 * sites_bn  # ATen operations; plus one kernel per site and pass

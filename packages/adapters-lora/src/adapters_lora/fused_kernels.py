@@ -11,6 +11,8 @@ registers, optionally stores it (M × r), and adds ``h @ U`` (U: r × N) into ``
 
 DoRA adds :func:`dora_norm` (its row norms and column factor in one pass over ``W``), an epilogue of
 :func:`low_rank_add` (the factor and the bias) and :func:`dora_grad` (the gradient through the factor).
+Inference at few rows (``generate()``'s decode steps) has its own kernel, :func:`lora_decode`: the base GEMM
+and the LoRA term in one launch (:mod:`.fused_decode`).
 
 Every matrix is passed with its two strides, so transposes are free and the gradient arriving from a
 transposed view needs no copy. A program owns one row block and ``n_per_prog`` column blocks of ``out``
@@ -28,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["low_rank_add", "dora_norm", "dora_grad"]
+__all__ = ["low_rank_add", "dora_norm", "dora_grad", "lora_decode"]
 
 
 @triton.jit
@@ -169,3 +171,63 @@ def dora_grad(
     tl.store(gp_out + rows[:, None] * N + cols[None, :], (gv * fv[None, :]).to(gp_out.dtype.element_ty), mask=mask)
     part = tl.reduce(gv * zv, 0, _add) / tl.load(norm + cols, mask=col_ok, other=1.0)
     tl.atomic_add(gm_acc + cols, part, mask=col_ok)
+
+
+@triton.jit
+def lora_decode(
+    x, w, bias, down, up, y,
+    M, N, K, R, scale,
+    s_xm, s_xk, s_wn, s_wk, s_dr, s_dk, s_un, s_ur, s_ym, s_yn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Inference at few rows (decode): ``y = x Wᵀ + b + s·(x Aᵀ) Bᵀ`` in one launch (the plain path: the base
+    GEMM, ``mm``, ``addmm_``). ``x`` M × K, ``w`` N × K, ``down`` = A (r × K), ``up`` = B (N × r), ``y`` M × N.
+
+    Grid ``(cdiv(N, BN), cdiv(M, BM))``: a program reads its ``BN`` rows of ``W`` once and the whole of ``A``
+    (small) while it accumulates ``x Wᵀ`` and ``x Aᵀ`` over ``K``, then adds ``s·h Bᵀ`` for its columns.
+    Rounded where the plain path rounds: ``x Wᵀ + b`` and ``h = x Aᵀ`` to the output dtype, then
+    ``(x Wᵀ + b) + s·h Bᵀ`` accumulated in float32 and rounded once.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    dtype = y.dtype.element_ty
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    ranks = tl.arange(0, BR)
+    row_ok = rows < M
+    col_ok = cols < N
+    rank_ok = ranks < R
+    acc = tl.full((BM, BN), 0.0, tl.float32)
+    hacc = tl.full((BM, BR), 0.0, tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < K
+        xv = tl.load(x + rows[:, None] * s_xm + ks[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wv = tl.load(w + cols[None, :] * s_wn + ks[:, None] * s_wk, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        dv = tl.load(down + ranks[None, :] * s_dr + ks[:, None] * s_dk, mask=rank_ok[None, :] & k_ok[:, None],
+                     other=0.0)
+        if UPCAST:
+            xv = xv.to(tl.float32)
+            wv = wv.to(tl.float32)
+            dv = dv.to(tl.float32)
+        if IEEE:
+            acc += tl.dot(xv, wv, input_precision="ieee")
+            hacc += tl.dot(xv, dv, input_precision="ieee")
+        else:
+            acc += tl.dot(xv, wv)
+            hacc += tl.dot(xv, dv)
+    if HAS_BIAS:
+        acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    base = acc.to(dtype).to(tl.float32)
+    h = hacc.to(dtype)
+    uv = tl.load(up + cols[None, :] * s_un + ranks[:, None] * s_ur, mask=col_ok[None, :] & rank_ok[:, None], other=0.0)
+    if UPCAST:
+        h = h.to(tl.float32)
+        uv = uv.to(tl.float32)
+    if IEEE:
+        delta = tl.dot(h, uv, input_precision="ieee")
+    else:
+        delta = tl.dot(h, uv)
+    tl.store(y + rows[:, None] * s_ym + cols[None, :] * s_yn, (base + scale * delta).to(dtype),
+             mask=row_ok[:, None] & col_ok[None, :])

@@ -27,7 +27,7 @@ from adapters.plugin import (
     row_index,
 )
 
-from . import fused, fused_dora
+from . import fused, fused_decode, fused_dora
 from .config import LoRAConfig
 from .deltas import DoRADelta, IA3InputScale, IA3Scale, LoRADelta, MTLLoRADelta
 from .gathered import CACHE, ROUTED, gathered_forward
@@ -82,14 +82,17 @@ class LoRALinear(AdapterLinear):
     def _straight_line(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                        scaling: float) -> torch.Tensor:
         """``y = Wx + b + s·B(Ax)`` on 2-D views: the base GEMM (bias in its epilogue), the rank-r GEMM
-        and one fused ``addmm`` (in place without autograd). Flat views keep autograd's graph small
-        (no per-linear view nodes); a frozen W's transpose records nothing."""
+        and one fused ``addmm`` (in place without autograd); with ``ADAPTERS_FUSED`` on CUDA, Triton kernels
+        for training (:mod:`.fused`) and for inference at few rows (:mod:`.fused_decode`). Flat views keep
+        autograd's graph small (no per-linear view nodes); a frozen W's transpose records nothing."""
         weight, bias = param(self, "weight"), param(self, "bias")
         x2 = x.reshape(-1, self.in_features)
         if torch.is_grad_enabled():  # training on CUDA with Triton: the fused kernels (None: not covered)
             y2 = fused.lora_linear(x2, weight, bias, lora_a, lora_b, scaling)
-            if y2 is not None:
-                return y2.view(*x.shape[:-1], self.out_features)
+        else:  # inference at few rows (decode) on CUDA with Triton: one launch
+            y2 = fused_decode.lora_decode(x2, weight, bias, lora_a, lora_b, scaling)
+        if y2 is not None:
+            return y2.view(*x.shape[:-1], self.out_features)
         y2 = x2.mm(weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
         h2 = x2.mm(lora_a.t())
         if torch.is_grad_enabled():

@@ -1,0 +1,95 @@
+"""LoRA inference at few rows in one kernel launch: ``generate()``'s decode steps (issue #17).
+
+A decode step (a few rows, one token each) is bound by the host enqueueing kernels, not by the GPU: on the
+H200 machine each ATen launch costs about 15 µs of host time and the GPU is busy a sixth of the step
+(``benchmarks/generate_profile.py``). The plain straight-line path (:meth:`.layer.LoRALinear._straight_line`)
+makes three launches per adapted projection (the base GEMM, ``x Aᵀ``, the ``addmm_`` of ``· Bᵀ``), two more
+than the base model; :func:`.fused_kernels.lora_decode` computes ``y = x Wᵀ + b + s·(x Aᵀ) Bᵀ`` in one.
+
+Selected by the same switch as the training kernels (``ADAPTERS_FUSED``, :mod:`adapters.fused_switch`):
+off by default until a GPU measurement shows the one Triton launch costing less host time than the two
+ATen launches it replaces. :func:`lora_decode` returns ``None`` for what it does not cover (gradients
+enabled, more than :data:`MAX_ROWS` rows, mixed or integer dtypes, rank above 128, tensor subclasses,
+``torch.func`` transforms, ``torch.compile``, where inductor fuses the plain path itself), and the caller
+runs the plain path. Its first use per device and dtype is checked against torch (:func:`kernels_pass`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from adapters.plugin import fused_selected, kernels_pass
+
+from . import fused
+
+__all__ = ["MAX_ROWS", "lora_decode", "launch_decode", "LAUNCHES"]
+
+#: rows (batch × new tokens) up to which the one-launch kernel is used; more rows make the GPU, not the host,
+#: the bound, and cuBLAS's GEMM is the faster one there
+MAX_ROWS = 64
+_MAX_RANK = 128
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: decode kernel launches since import (tests, benchmarks)
+LAUNCHES = [0]
+
+
+def launch_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, scaling: float, out: torch.Tensor) -> None:
+    """One :func:`.fused_kernels.lora_decode` launch: ``out = x Wᵀ + b + s·(x Aᵀ) Bᵀ``. ``x`` M × K,
+    ``weight`` N × K, ``bias`` N or ``None``, ``lora_a`` r × K, ``lora_b`` N × r, ``out`` M × N; any strides,
+    one device and floating dtype."""
+    m, k = x.shape
+    n, r = weight.shape[0], lora_a.shape[0]
+    bm = max(16, fused._next_pow2(m))
+    bn = 32
+    fused._kernels().lora_decode[(-(-n // bn), -(-m // bm))](
+        x, weight, bias if bias is not None else weight, lora_a, lora_b, out,
+        m, n, k, r, float(scaling),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
+        lora_b.stride(0), lora_b.stride(1), out.stride(0), out.stride(1),
+        BM=bm, BN=bn, BK=128 if bm <= 32 else 64, BR=max(16, fused._next_pow2(r)), HAS_BIAS=bias is not None,
+        UPCAST=fused._INTERPRETED, IEEE=x.dtype == torch.float32,
+    )
+    LAUNCHES[0] += 1
+
+
+def _decode_ok(t: torch.Tensor) -> bool:
+    """Whether the kernel passed its first-use check for ``t``'s device and dtype (checked once)."""
+    return kernels_pass("LoRA decode", t, _decode_pairs)
+
+
+def _decode_pairs(device: torch.device, dtype: torch.dtype, rand: Callable[..., torch.Tensor]) -> list[tuple[Any, Any]]:
+    """Launches on small tensors (with and without a bias, a row count off the block size) and torch's results."""
+    pairs = []
+    for rows, bias in ((5, True), (17, False)):
+        x, w, a, b = rand(rows, 72), rand(40, 72), rand(6, 72), rand(40, 6)
+        bvec = rand(40) if bias else None
+        out = torch.empty(rows, 40, device=device, dtype=dtype)
+        launch_decode(x, w, bvec, a, b, 0.5, out)
+        want = x.float() @ w.float().t() + 0.5 * (x.float() @ a.float().t()) @ b.float().t()
+        pairs.append((out, want if bvec is None else want + bvec.float()))
+    return pairs
+
+
+def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float) -> torch.Tensor | None:
+    """``x Wᵀ + b + s·(x Aᵀ) Bᵀ`` for 2-D ``x`` (M × K, M ≤ :data:`MAX_ROWS`) in one kernel launch, without
+    gradients, or ``None`` where the kernel does not apply (see the module docstring): the caller's plain
+    path computes the same to rounding (float32 exactly; half precision rounded at the same points)."""
+    if not fused_selected(x) or torch.is_grad_enabled() or x.shape[0] > MAX_ROWS or x.dim() != 2:
+        return None
+    dtype = x.dtype
+    if (dtype not in _DTYPES or weight.dtype != dtype or lora_a.dtype != dtype or lora_b.dtype != dtype
+            or lora_a.shape[0] > _MAX_RANK or (bias is not None and bias.dtype != dtype)
+            or weight.numel() >= fused._INT32):
+        return None
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or type(x) not in _PLAIN
+            or not all(type(t) in _PLAIN for t in (weight, lora_a, lora_b)) or not _decode_ok(x)):
+        return None
+    out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=dtype)
+    launch_decode(x, weight, bias, lora_a, lora_b, scaling, out)
+    return out
