@@ -9,7 +9,8 @@ than the base model; :func:`.fused_kernels.lora_decode` computes ``y = x Wᵀ + 
 Selected by the same switch as the training kernels (``ADAPTERS_FUSED``, :mod:`adapters.fused_switch`):
 off by default until a GPU measurement shows the one Triton launch costing less host time than the two
 ATen launches it replaces. :func:`lora_decode` returns ``None`` for what it does not cover (gradients
-enabled, more than :data:`MAX_ROWS` rows, mixed or integer dtypes, rank above 128, tensor subclasses,
+enabled, more than :data:`MAX_ROWS` rows, mixed or integer dtypes, rank above 128, strided tensors (the
+kernel takes no strides: fewer arguments, a cheaper launch), tensor subclasses,
 ``torch.func`` transforms, ``torch.compile``, where inductor fuses the plain path itself), and the caller
 runs the plain path. Its first use per device and dtype is checked against torch (:func:`kernels_pass`).
 """
@@ -39,20 +40,16 @@ LAUNCHES = [0]
 
 def launch_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                   lora_b: torch.Tensor, scaling: float, out: torch.Tensor) -> None:
-    """One :func:`.fused_kernels.lora_decode` launch: ``out = x Wᵀ + b + s·(x Aᵀ) Bᵀ``. ``x`` M × K,
-    ``weight`` N × K, ``bias`` N or ``None``, ``lora_a`` r × K, ``lora_b`` N × r, ``out`` M × N; any strides,
-    one device and floating dtype."""
+    """One :func:`.fused_kernels.lora_decode` launch: ``out = x Wᵀ + b + s·(x Aᵀ) Bᵀ``. Contiguous ``x`` M × K,
+    ``weight`` N × K, ``bias`` N or ``None``, ``lora_a`` r × K, ``lora_b`` N × r, ``out`` M × N; one device and
+    floating dtype."""
     m, k = x.shape
     n, r = weight.shape[0], lora_a.shape[0]
-    bm = max(16, fused._next_pow2(m))
-    bn = 32
-    fused._kernels().lora_decode[(-(-n // bn), -(-m // bm))](
-        x, weight, bias if bias is not None else weight, lora_a, lora_b, out,
-        m, n, k, r, float(scaling),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
-        lora_b.stride(0), lora_b.stride(1), out.stride(0), out.stride(1),
-        BM=bm, BN=bn, BK=128 if bm <= 32 else 64, BR=max(16, fused._next_pow2(r)), HAS_BIAS=bias is not None,
-        UPCAST=fused._INTERPRETED, IEEE=x.dtype == torch.float32,
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    fused._kernels().lora_decode[(-(-n // 32), -(-m // bm))](
+        x, weight, bias if bias is not None else weight, lora_a, lora_b, out, m, n, k, r, float(scaling),
+        BM=bm, BN=32, BK=128 if bm <= 32 else 64, BR=16 if r <= 16 else fused._next_pow2(r),
+        HAS_BIAS=bias is not None, UPCAST=fused._INTERPRETED, IEEE=x.dtype == torch.float32,
     )
     LAUNCHES[0] += 1
 
@@ -88,7 +85,9 @@ def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             or weight.numel() >= fused._INT32):
         return None
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or type(x) not in _PLAIN
-            or not all(type(t) in _PLAIN for t in (weight, lora_a, lora_b)) or not _decode_ok(x)):
+            or not all(type(t) in _PLAIN for t in (weight, lora_a, lora_b))
+            or not (x.is_contiguous() and weight.is_contiguous() and lora_a.is_contiguous()
+                    and lora_b.is_contiguous()) or not _decode_ok(x)):
         return None
     out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=dtype)
     launch_decode(x, weight, bias, lora_a, lora_b, scaling, out)

@@ -177,12 +177,13 @@ def dora_grad(
 def lora_decode(
     x, w, bias, down, up, y,
     M, N, K, R, scale,
-    s_xm, s_xk, s_wn, s_wk, s_dr, s_dk, s_un, s_ur, s_ym, s_yn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Inference at few rows (decode): ``y = x Wᵀ + b + s·(x Aᵀ) Bᵀ`` in one launch (the plain path: the base
-    GEMM, ``mm``, ``addmm_``). ``x`` M × K, ``w`` N × K, ``down`` = A (r × K), ``up`` = B (N × r), ``y`` M × N.
+    GEMM, ``mm``, ``addmm_``). Row-major ``x`` M × K, ``w`` N × K, ``down`` = A (r × K), ``up`` = B (N × r),
+    ``y`` M × N: no stride arguments, as few runtime arguments as a launch from Python can take (its host
+    cost grows with them, and a decode step is bound by that cost).
 
     Grid ``(cdiv(N, BN), cdiv(M, BM))``: a program reads its ``BN`` rows of ``W`` once and the whole of ``A``
     (small) while it accumulates ``x Wᵀ`` and ``x Aᵀ`` over ``K``, then adds ``s·h Bᵀ`` for its columns.
@@ -203,10 +204,9 @@ def lora_decode(
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         k_ok = ks < K
-        xv = tl.load(x + rows[:, None] * s_xm + ks[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wv = tl.load(w + cols[None, :] * s_wn + ks[:, None] * s_wk, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        dv = tl.load(down + ranks[None, :] * s_dr + ks[:, None] * s_dk, mask=rank_ok[None, :] & k_ok[:, None],
-                     other=0.0)
+        xv = tl.load(x + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wv = tl.load(w + cols[None, :] * K + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        dv = tl.load(down + ranks[None, :] * K + ks[:, None], mask=rank_ok[None, :] & k_ok[:, None], other=0.0)
         if UPCAST:
             xv = xv.to(tl.float32)
             wv = wv.to(tl.float32)
@@ -221,7 +221,7 @@ def lora_decode(
         acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     base = acc.to(dtype).to(tl.float32)
     h = hacc.to(dtype)
-    uv = tl.load(up + cols[None, :] * s_un + ranks[:, None] * s_ur, mask=col_ok[None, :] & rank_ok[:, None], other=0.0)
+    uv = tl.load(up + cols[None, :] * R + ranks[:, None], mask=col_ok[None, :] & rank_ok[:, None], other=0.0)
     if UPCAST:
         h = h.to(tl.float32)
         uv = uv.to(tl.float32)
@@ -229,5 +229,5 @@ def lora_decode(
         delta = tl.dot(h, uv, input_precision="ieee")
     else:
         delta = tl.dot(h, uv)
-    tl.store(y + rows[:, None] * s_ym + cols[None, :] * s_yn, (base + scale * delta).to(dtype),
+    tl.store(y + rows[:, None] * N + cols[None, :], (base + scale * delta).to(dtype),
              mask=row_ok[:, None] & col_ok[None, :])
