@@ -45,8 +45,8 @@ def main() -> None:
     print("| method | sites | forward ops / site | training ops / site | peft forward | peft training |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, (config, peft_key) in METHODS.items():
-        if not adapters.registry.has_config_string(config.split("[")[0]):
-            continue
+        if name not in SITES_PER_LAYER or not adapters.registry.has_config_string(config.split("[")[0]):
+            continue  # (prompt and prefix tuning lengthen the sequence: no per-site count)
         sites = SITES_PER_LAYER[name] * layers
         model = copy.deepcopy(base)
         adapters.init(model)
