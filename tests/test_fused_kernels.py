@@ -112,8 +112,9 @@ def test_lora_declines_what_it_does_not_cover() -> None:
     assert fused.lora_linear(x, weight, bias, lora_a, lora_b, 1.0) is None
     fused.set_fused_mode("auto")  # auto: CUDA tensors only
     assert fused.lora_linear(x, weight, bias, lora_a, lora_b, 1.0) is None
-    with pytest.raises(ValueError, match="auto, 0 or force"):
+    with pytest.raises(ValueError, match="Unknown fused-kernel mode 'sometimes'; use 0 / off"):
         fused.set_fused_mode("sometimes")
+    assert fused.fused_mode() == "auto"  # unchanged
 
 
 def test_lora_under_compile_and_checkpointing(close) -> None:
@@ -204,6 +205,25 @@ def test_import_adapters_does_not_import_triton() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+def test_unknown_environment_value_warns_and_leaves_everything_working() -> None:
+    """``ADAPTERS_FUSED=maybe``: ``import adapters`` and every plugin load, a warning lists the accepted values,
+    the kernels stay off, and an adapter model trains as usual."""
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "import adapters, torch\nfrom adapters.testing import tiny_model\n"
+            "from adapters.plugin import fused_mode\n"
+            "m = adapters.init(tiny_model('qwen3'))\n"
+            "m.add_adapter('a', config='lora'); m.add_adapter('b', config='seq_bn'); m.add_adapter('c', 'loreft')\n"
+            "m.train_adapter(adapters.Stack('a', 'b', 'c'))\n"
+            "m(inputs_embeds=torch.randn(1, 3, m.config.hidden_size)).last_hidden_state.sum().backward()\n"
+            "print(fused_mode())")
+    env = {**os.environ, "ADAPTERS_FUSED": "maybe"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "0"
+    assert "ADAPTERS_FUSED='maybe' is not a fused-kernel mode (0 / off" in out.stderr
+    assert "the fused kernels stay off" in out.stderr
 
 
 # ------------------------------------------------------------------------------------------ bottleneck

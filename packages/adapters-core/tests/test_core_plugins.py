@@ -152,6 +152,19 @@ def test_broken_plugin_warns_with_distribution_and_version_and_others_keep_worki
     assert reg.interface("qwen3") is not None
 
 
+def test_name_of_an_installed_but_broken_distribution_is_not_reported_missing(fake_site, monkeypatch):
+    """A name its distribution provides without an entry point of that name (first-party config strings) reports
+    the distribution's import failure, never "not installed: pip install ..." for what is installed."""
+    from adapters import plugins
+
+    monkeypatch.setitem(plugins.FIRST_PARTY_NAMES, "adapters-fake-broken", ("fake_broken_alias",))
+    reg = Registry(autoload=True)
+    with pytest.warns(PluginLoadWarning):
+        reg.load_all()
+    with pytest.raises(PluginError, match="adapters-fake-broken 0.9.1, whose plugin module .* failed to import"):
+        reg.config_factory("fake_broken_alias")
+
+
 def test_load_all_reports_broken_plugins_and_loads_the_rest(fake_site):
     _, good, _ = fake_site
     reg = Registry(autoload=True)

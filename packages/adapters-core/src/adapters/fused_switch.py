@@ -3,7 +3,8 @@
 
 Modes: ``"0"`` (default; ``off``, ``false``, ``no``): never; ``"auto"`` (``1``, ``on``, ``true``, ``yes``):
 for CUDA tensors when Triton is installed; ``"force"``: for any device (CPU tensors need Triton's
-interpreter, ``TRITON_INTERPRET=1``: the tests). Off by default because on an H200 the fused training
+interpreter, ``TRITON_INTERPRET=1``: the tests). An unknown ``ADAPTERS_FUSED`` value warns at import and
+means off; :func:`set_fused_mode` refuses one. Off by default because on an H200 the fused training
 step was slower than the plain one (README, "Fused training kernels"). Nothing here imports Triton.
 """
 
@@ -25,10 +26,10 @@ CheckPairs = Callable[[torch.device, torch.dtype, Callable[..., torch.Tensor]], 
 
 
 class FusedPathWarning(UserWarning):
-    """A fused kernel failed its first-use check on a device and dtype; torch ops compute there instead."""
+    """A fused kernel failed its first-use check on a device and dtype (torch ops compute there instead), or
+    ``ADAPTERS_FUSED`` holds an unknown value (the kernels stay off)."""
 
 
-_MODE = "0"
 _HAS_TRITON: bool | None = None
 _PROGRAMS: dict[int | None, int] = {}
 #: first-use check results by (kernels, device type, device index, dtype)
@@ -40,23 +41,41 @@ def fused_mode() -> str:
     return _MODE
 
 
-def set_fused_mode(mode: str) -> str:
-    """Set the mode of every package's fused kernels; returns the previous one.
+_OFF = ("0", "off", "false", "no", "")
+_ON = ("1", "on", "true", "yes", "auto")
+_ACCEPTED = "0 / off / false / no (never), 1 / on / true / yes / auto (CUDA with Triton) or force (any device)"
 
-    :raises ValueError: an unknown mode."""
-    global _MODE
+
+def _parse(mode: str) -> str | None:
     mode = str(mode).strip().lower()
-    if mode in ("0", "off", "false", "no", ""):
-        mode = "0"
-    elif mode in ("1", "on", "true", "yes"):
-        mode = "auto"
-    elif mode not in ("auto", "force"):
-        raise ValueError(f"ADAPTERS_FUSED mode must be auto, 0 or force, not {mode!r}.")
-    previous, _MODE = _MODE, mode
+    return "0" if mode in _OFF else "auto" if mode in _ON else "force" if mode == "force" else None
+
+
+def set_fused_mode(mode: str) -> str:
+    """Set the mode of every package's fused kernels (one mode for all of them); returns the previous one.
+
+    :raises ValueError: an unknown mode (the mode is left as it was)."""
+    global _MODE
+    parsed = _parse(mode)
+    if parsed is None:
+        raise ValueError(f"Unknown fused-kernel mode {mode!r}; use {_ACCEPTED}.")
+    previous, _MODE = _MODE, parsed
     return previous
 
 
-set_fused_mode(os.environ.get("ADAPTERS_FUSED", "0"))
+def _mode_from_environment() -> str:
+    """``ADAPTERS_FUSED`` at import: an unknown value warns and means off (an environment variable must never
+    stop ``import adapters`` or a plugin from loading)."""
+    value = os.environ.get("ADAPTERS_FUSED", "0")
+    parsed = _parse(value)
+    if parsed is None:
+        warnings.warn(f"ADAPTERS_FUSED={value!r} is not a fused-kernel mode ({_ACCEPTED}); the fused kernels stay "
+                      "off.", FusedPathWarning, stacklevel=2)
+        return "0"
+    return parsed
+
+
+_MODE = _mode_from_environment()
 
 
 def fused_selected(t: torch.Tensor) -> bool:
@@ -106,8 +125,10 @@ def _check(what: str, device: torch.device, dtype: torch.dtype, pairs: CheckPair
                 if not torch.allclose(got.float(), want, rtol=tol, atol=tol * float(want.abs().max())):
                     raise RuntimeError(f"mismatch: max error {float((got.float() - want).abs().max()):.3g}")
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernels here
-        warnings.warn(f"the fused {what} kernels failed their check on {device} / {dtype} ({exc}); torch ops "
-                      "compute the fused path there (ADAPTERS_FUSED=0: the plain path).", FusedPathWarning,
+        hint = ("; CPU tensors run Triton kernels only under its interpreter: set TRITON_INTERPRET=1 before "
+                "importing triton" if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" else "")
+        warnings.warn(f"the fused {what} kernels failed their check on {device} / {dtype} ({exc}{hint}); torch "
+                      "ops compute the fused path there (ADAPTERS_FUSED=0: the plain path).", FusedPathWarning,
                       stacklevel=4)
         return False
     return True

@@ -333,6 +333,9 @@ class Registry:
         # a failed module may have been imported for another name/group (e.g. its method before its export)
         failed = [info for info, _ in self.failed.values()
                   if any(e.module == info.module for g in self.entry_points().values() for e in g.get(name, []))]
+        dist = _install_hint(name)
+        if not failed and dist is not None:  # installed but broken: never report it as not installed
+            failed = [info for info, _ in self.failed.values() if info.distribution == dist]
         if failed:
             info = failed[0]
             exc = self.failed[info.module][1]
@@ -340,7 +343,6 @@ class Registry:
                 f"{kind} '{name}' comes from {info.distribution} {info.version}, whose plugin module "
                 f"'{info.module}' failed to import: {type(exc).__name__}: {exc}"
             )
-        dist = _install_hint(name)
         if dist is not None:
             return MissingPluginError(
                 f"{kind} '{name}' is provided by the '{dist}' distribution, which is not installed "
