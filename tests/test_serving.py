@@ -329,6 +329,27 @@ def test_generate_routes_every_row_to_its_adapter(method) -> None:
                 assert torch.equal(beams[row], alone[row])
 
 
+def test_generate_refuses_rows_that_do_not_match_the_prompts() -> None:
+    """``generate()`` takes one entry per prompt row and repeats it itself for the rows it expands (beams,
+    ``num_return_sequences``): a shorter list is refused before generating, even when its length divides the
+    batch (it is never stretched over the prompts), for ``adapter_names`` and a MultiTask's ``task_ids``."""
+    model = _lora_model(2, task="causal_lm")
+    prompts = tiny_inputs(model, batch=4, seq=4)
+    setup = model.active_adapters
+    for rows in (["a0", "a1"], ["a1"], ["a0", "a1", "a0", "a1", "a0"]):
+        with pytest.raises(ValueError, match=f"adapter_names has {len(rows)} entries for 4 prompts: pass one per "
+                                             "prompt row"):
+            model.generate(**prompts, adapter_names=rows, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert model.active_adapters == setup
+    model.set_active_adapters(ac.MultiTask("a0", "a1"))
+    with pytest.raises(ValueError, match="task_ids has 2 entries for 4 prompts"):
+        model.generate(**prompts, task_ids=["a0", "a1"], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with torch.no_grad():  # one per prompt, expanded by generate() for num_return_sequences
+        out = model.generate(**prompts, task_ids=["a0", "a1", "a1", "a0"], max_new_tokens=2, do_sample=False,
+                             num_beams=2, num_return_sequences=2, pad_token_id=0)
+    assert out.shape[0] == 8
+
+
 # ---------------------------------------------------------------------------------------------- hot swap
 def _saved(tmp_path, config: str, seed: int, name: str = "new") -> str:
     source = tiny_model("qwen3")

@@ -161,7 +161,7 @@ def test_name_of_an_installed_but_broken_distribution_is_not_reported_missing(fa
     reg = Registry(autoload=True)
     with pytest.warns(PluginLoadWarning):
         reg.load_all()
-    with pytest.raises(PluginError, match="adapters-fake-broken 0.9.1, whose plugin module .* failed to import"):
+    with pytest.raises(PluginError, match=r"adapters-fake-broken 0\.9\.1, whose plugin module .* failed to import"):
         reg.config_factory("fake_broken_alias")
 
 

@@ -217,10 +217,14 @@ def generate_with_setup(model: nn.Module, original: Any, args: tuple, kwargs: di
     setup, entry = call_setup(model)
     if adapter_names is None and entry is not None:
         adapter_names = entry.adapter_names
+    named = dict(kwargs)
+    if args and isinstance(args[0], torch.Tensor):
+        named.setdefault("input_ids", args[0])
     if adapter_names is not None:
         if task_ids is not None:
             raise ValueError("Pass adapter_names (one adapter per row) or task_ids (a MultiTask setup), not both.")
         rows_table(model._adapters_state, adapter_names)  # refuse before generating
+        _check_prompt_rows("adapter_names", adapter_names, _batch_size(named))
         scope = AdapterSetup(setup, model=model)
         scope.adapter_names = list(adapter_names)
         scope.generation = True
@@ -229,12 +233,11 @@ def generate_with_setup(model: nn.Module, original: Any, args: tuple, kwargs: di
     if task_ids is None and entry is not None:
         task_ids = entry.task_ids
     table = model._adapters_state.table(setup)
+    if task_ids is not None and table.task_names is not None:
+        _check_prompt_rows("task_ids", task_ids, _batch_size(named))
     scope = AdapterSetup(setup, model=model, task_ids=task_ids)
     scope.generation = True
     if table.parallel > 1:
-        named = dict(kwargs)
-        if args and isinstance(args[0], torch.Tensor):
-            named.setdefault("input_ids", args[0])
         batch = _batch_size(named)
         if batch is not None:
             args = tuple(_replicate(a, table.parallel, batch) for a in args)
@@ -242,6 +245,18 @@ def generate_with_setup(model: nn.Module, original: Any, args: tuple, kwargs: di
             scope.replicated = True
     with scope:
         return original(model, *args, **kwargs)
+
+
+def _check_prompt_rows(label: str, rows: Any, batch: int | None) -> None:
+    """One entry per prompt row: ``generate()`` repeats each row's entry for the rows it expands (``num_beams``,
+    ``num_return_sequences``), so a shorter list must not be stretched over the prompts.
+
+    :raises ValueError: ``rows`` has another length than the prompt batch."""
+    count = rows.numel() if isinstance(rows, torch.Tensor) else len(rows) if hasattr(rows, "__len__") else None
+    if batch is not None and count is not None and count != batch:
+        what = f"an adapter name or '{BASE_ROW}'" if label == "adapter_names" else "a task name or index"
+        raise ValueError(f"{label} has {count} entries for {batch} prompts: pass one per prompt row ({what}); "
+                         "generate() repeats it for num_beams and num_return_sequences itself.")
 
 
 def rows_table(state: Any, adapter_names: Any) -> tuple[PlanTable, torch.Tensor | None]:
