@@ -350,6 +350,34 @@ def test_generate_refuses_rows_that_do_not_match_the_prompts() -> None:
     assert out.shape[0] == 8
 
 
+@pytest.mark.parametrize("method", [*GEN_METHODS, "prompt_tuning[prompt_length=3]", "prefix_tuning[prefix_length=2]"])
+def test_an_adapter_no_row_names_changes_nothing(method) -> None:
+    """Per-row calls route through one MultiTask over every adapter of the model: an adapter that no row
+    names (of any method, prompt and prefix tuning too, which lengthen the sequence) leaves forward and
+    ``generate()`` as they were (to float rounding: another LoRA-family kind at a projection moves its rows off
+    the gathered path; the same tokens); rows that all name it equal the adapter alone. The LoRA sits on k and o,
+    where VeRA (q, v) does not go."""
+    model = tiny_model("qwen3", "causal_lm")
+    adapters.init(model)
+    model.add_adapter("a", "lora[attn_matrices=['k', 'o']]")
+    _perturb(model, "a", seed=1, std=0.5)
+    model.eval()
+    prompts = tiny_inputs(model, batch=2, seq=5)
+    rows = ["a", "__base__"]
+    with torch.no_grad():
+        want = model(**prompts, adapter_names=rows).logits
+        want_gen = model.generate(**prompts, adapter_names=rows, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        model.add_adapter("x", method)
+        _perturb(model, "x", seed=2, std=0.5)
+        torch.testing.assert_close(model(**prompts, adapter_names=rows).logits, want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(model.generate(**prompts, adapter_names=rows, max_new_tokens=3, do_sample=False,
+                                          pad_token_id=0), want_gen)
+        routed = model(**prompts, adapter_names=["x", "x"]).logits
+        with adapters.AdapterSetup("x"):
+            alone = model(**prompts).logits
+    torch.testing.assert_close(routed, alone, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- hot swap
 def _saved(tmp_path, config: str, seed: int, name: str = "new") -> str:
     source = tiny_model("qwen3")

@@ -166,6 +166,8 @@ def prefix_pre_hook(attr: str, module: nn.Module, args: tuple, kwargs: dict) -> 
     if hidden is None:
         raise AdapterError(f"Prefix tuning found no hidden_states in the call of {type(module).__name__}.")
     length = layer.length(plan)
+    if not length:  # no row of this call goes to a prefix (per-row routing to other adapters)
+        return None
     kv = layer.run_plan(plan, (hidden,))
     inner = module.get_submodule(layer.inner) if layer.inner else module
     layer_idx = getattr(inner, "layer_idx", None)

@@ -60,7 +60,8 @@ _ROW_BLOCKS = {BatchSplitPlan: "BatchSplit", MultiTaskPlan: "MultiTask", Paralle
 
 def plan_length(plan: PlanNode | None, length_of: Any, what: str) -> int:
     """Virtual positions ``plan`` adds: a leaf its adapter's length, a ``Stack`` the sum, a row-routing
-    block the common length of its children.
+    block the common length of its children; of a ``MultiTask`` (``task_ids``, or per-row ``adapter_names``,
+    which route through one over every adapter of the model) only the children this call's rows go to.
 
     :raises AdapterError: a row-routing block whose rows would get different lengths (naming the block)."""
     if plan is None or isinstance(plan, Identity):
@@ -72,12 +73,27 @@ def plan_length(plan: PlanNode | None, length_of: Any, what: str) -> int:
     block = _ROW_BLOCKS.get(type(plan))
     if block is None:
         raise AdapterError(f"{what} does not support the {type(plan).__name__} block.")
-    lengths = [plan_length(c, length_of, what) for c in plan.children]
+    children = _routed_children(plan)
+    lengths = [plan_length(c, length_of, what) for c in children]
     if len(set(lengths)) > 1:
-        named = ", ".join(f"{'+'.join(c.leaves()) or '(none)'}: {n}" for c, n in zip(plan.children, lengths))
-        raise AdapterError(f"{block}: its rows would get {what} of different lengths ({named}); every row of a "
-                           f"{block} needs the same {what} length (one batch is one rectangle).")
+        named = ", ".join(f"{'+'.join(c.leaves()) or 'no ' + what}: {n}" for c, n in zip(children, lengths))
+        via = " (per-row adapter_names route through one)" if block == "MultiTask" else ""
+        raise AdapterError(f"{block}{via}: its rows would get {what} of different lengths ({named}); every row "
+                           f"of one batch needs the same {what} length (a batch is one rectangle): send rows with "
+                           f"different {what} in separate calls.")
     return lengths[0] if lengths else 0
+
+
+def _routed_children(plan: PlanNode) -> tuple[PlanNode, ...]:
+    """The children of a row-routing block that rows of this call go to: for a ``MultiTask`` those with rows
+    (the call's task sizes, counted on the host), else all."""
+    if type(plan) is MultiTaskPlan:
+        ctx = current_context()
+        sizes = ctx.task_sizes if ctx is not None else None
+        if sizes is not None and len(sizes) == len(plan.children):
+            used = tuple(c for c, n in zip(plan.children, sizes) if n)
+            return used or plan.children
+    return plan.children
 
 
 def cache_length(cache: Any, layer_idx: int | None = None) -> int:
@@ -163,10 +179,10 @@ def prompt_pre_hook(attr: str, module: nn.Module, args: tuple, kwargs: dict) -> 
     """Forward pre-hook of the entry module (see the module docstring)."""
     layer = module._modules.get(attr)
     plan = layer.active_plan() if layer is not None else None
-    if plan is None:
+    length = 0 if plan is None else layer.length(plan)
+    if not length:  # no prompt, or no row of this call goes to one (per-row routing to other adapters)
         push_call(module, 0)
         return None
-    length = layer.length(plan)
     names = layer.params
     prefill = cache_length(get_arg(names, args, kwargs, *CACHE_KEYS)) == 0
     if prefill:
