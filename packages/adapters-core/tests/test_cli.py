@@ -232,6 +232,10 @@ def test_console_script_runs(tmp_path):
     assert result.returncode == 2
     assert "adapters summary: error:" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "adapters", "--version"], capture_output=True, text=True,
+                            timeout=120)  # python -m adapters: the same command line
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"adapters-core {adapters.__version__}"
 
 
 def test_convert_finds_the_task_of_a_saved_head_itself(toy, tmp_path, capsys):

@@ -16,8 +16,8 @@ dropout or stochastic depth, no autocast, one dtype (float16, bfloat16, float32)
 residual ``h``: ``seq_bn`` on pre-norm models) or ``self`` (``inp = h``: ``double_seq_bn``).
 Everything else returns ``None`` and the plain path runs.
 
-Selection as in :mod:`adapters_lora.fused` (the same ``ADAPTERS_FUSED`` variable, a mode per package:
-:func:`set_fused_mode`), first-use check with a :class:`FusedPathWarning` and torch ops after a failure,
+Selection as in :mod:`adapters_lora.fused` (the same ``ADAPTERS_FUSED`` variable and one mode for every
+package's kernels: :func:`set_fused_mode` here sets LoRA's too), first-use check with a :class:`FusedPathWarning` and torch ops after a failure,
 an ``autograd.Function`` eagerly and the custom ops ``adapters_bottleneck::bottleneck_fwd`` / ``_bwd``
 under ``torch.compile``. Triton is imported on first use only.
 """
