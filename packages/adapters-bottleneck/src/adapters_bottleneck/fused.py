@@ -17,9 +17,10 @@ residual ``h``: ``seq_bn`` on pre-norm models) or ``self`` (``inp = h``: ``doubl
 Everything else returns ``None`` and the plain path runs.
 
 Selection as in :mod:`adapters_lora.fused` (the same ``ADAPTERS_FUSED`` variable and one mode for every
-package's kernels: :func:`set_fused_mode` here sets LoRA's too), first-use check with a :class:`FusedPathWarning` and torch ops after a failure,
-an ``autograd.Function`` eagerly and the custom ops ``adapters_bottleneck::bottleneck_fwd`` / ``_bwd``
-under ``torch.compile``. Triton is imported on first use only.
+package's kernels: :func:`set_fused_mode` here sets LoRA's too), first-use check with a
+:class:`FusedPathWarning` and torch ops after a failure, an ``autograd.Function`` eagerly and the custom ops
+``adapters_bottleneck::bottleneck_fwd`` / ``_bwd`` under ``torch.compile``. Triton is imported on first use
+only.
 """
 
 from __future__ import annotations

@@ -55,6 +55,12 @@ class AdapterConfig:
         """The single configs this config is made of (itself; several for a :class:`ConfigUnion`)."""
         return [self]
 
+    @property
+    def label(self) -> str:
+        """What :meth:`~adapters.model.adapter_summary` shows as the architecture: the method's name, or the
+        name of the variant a method's config selects (override it for that)."""
+        return self.method
+
     @staticmethod
     def load(config: str | Mapping[str, Any] | AdapterConfig, **overrides: Any) -> AdapterConfig:
         """Resolve a config given as an instance, a dict (as saved) or a string.

@@ -37,7 +37,7 @@ def adapter_summary(self: nn.Module, as_dict: bool = False) -> str | list[dict[s
         return {"name": name, "method": method, "#params": count, "%params": share, "active": active,
                 "train": any(p.requires_grad for p in params), "merged": merged}
 
-    rows = [row(name, "+".join(record.method_names), state.adapter_parameters(name), name in active,
+    rows = [row(name, "+".join(c.label for c in record.config.configs), state.adapter_parameters(name), name in active,
                 name in state.merged) for name, record in state.adapters.items()]
     rows += [row(f"Fuse[{fusion_name}]", f"{fusion.method.name}-fusion", state.fusion_parameters(fusion_name),
                  fusion_name in active_fusions) for fusion_name, fusion in state.fusions.items()]

@@ -67,6 +67,15 @@ class LoRAConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     feedforward_modules: list[str] | str | None = None
 
+    @property
+    def label(self) -> str:
+        """``"ia3"``, ``"dora"``, ``"mtl_lora"`` or ``"lora"``: the variant this config selects (for summaries)."""
+        if self.composition_mode == "scale":
+            return "ia3"
+        if self.use_dora:
+            return "dora"
+        return "mtl_lora" if getattr(self, "n_up_projection", None) is not None else "lora"
+
     def __post_init__(self) -> None:
         check_module_fields(self)
         if self.feedforward_modules is not None and (self.composition_mode != "scale" or self.use_gating):
