@@ -162,6 +162,64 @@ def test_peft_export_carries_a_trained_head_and_embeddings(tmp_path):
     torch.testing.assert_close(_logits(back, inputs), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("targets", [["embed_tokens"], ["embed_tokens", "q_proj"], ["lm_head", "q_proj"],
+                                     ["embed_tokens", "lm_head", "v_proj"]])
+def test_lora_inside_the_embeddings_or_head_after_train_adapter(tmp_path, targets):
+    """A LoRA on the input embeddings or the LM head lives inside those modules; once ``train_adapter`` made
+    it trainable, its tensors are still the adapter's: the PEFT export holds them as ``lora_embedding_A/B`` /
+    ``lora_A/B`` only (no ``modules_to_save``) and loads in peft with the same outputs; the native checkpoint
+    holds each once, and a fresh model reloads it bit for bit. Embeddings that train whole *and* carry the
+    LoRA cannot be written in PEFT's format: refused, nothing written."""
+    from safetensors.torch import load_file
+
+    model = adapters.init(tiny_model("qwen3", "causal_lm"))
+    model.add_adapter("t", adapters.LoRAConfig(target_modules=targets, r=4))
+    model.train_adapter("t")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))  # a training step's worth of change
+    model.eval()
+    inputs = tiny_inputs(model, batch=2, seq=6)
+    ref = _logits(model, inputs)
+    model.save_adapter(str(tmp_path / "peft"), "t", format="peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] is None
+    keys = set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
+    assert all(".lora_" in k and ".adapters." not in k for k in keys), sorted(keys)  # adapter tensors only
+    back = peft.PeftModel.from_pretrained(tiny_model("qwen3", "causal_lm"), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(_logits(back, inputs), ref, atol=1e-5, rtol=1e-5)
+    model.save_adapter(str(tmp_path / "native"), "t")
+    native = load_file(str(tmp_path / "native" / "adapter.safetensors"))
+    assert not any("embed_tokens.weight" in k or "lm_head.weight" in k for k in native), sorted(native)
+    fresh = adapters.init(tiny_model("qwen3", "causal_lm"))
+    fresh.load_adapter(str(tmp_path / "native"), set_active=True)
+    assert torch.equal(_logits(fresh.eval(), inputs), ref)
+    if "embed_tokens" in targets:
+        model.train_adapter("t", train_embeddings=True)
+        with pytest.raises(adapters.AdapterError, match="PEFT holds a module either adapted or saved whole"):
+            model.save_adapter(str(tmp_path / "both"), "t", format="peft")
+        assert not (tmp_path / "both").exists()
+
+
+def test_ia3_on_fused_qkv_parts_exports_as_one_scaling(tmp_path):
+    """IA3 placed on GPT-2's fused ``c_attn`` parts (k, v) exports as one ``ia3_l`` over the whole projection
+    (each part's scales on its rows, 1 on q's): peft computes the same."""
+    model = adapters.init(tiny_model("gpt2", "causal_lm"))
+    model.add_adapter("t", config="ia3")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model._adapters_state.adapter_parameters("t"):
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    model.set_active_adapters("t")
+    inputs = tiny_inputs(model, batch=2, seq=5)
+    ref = _logits(model.eval(), inputs)
+    model.save_adapter(str(tmp_path), "t", format="peft")
+    back = peft.PeftModel.from_pretrained(tiny_model("gpt2", "causal_lm"), str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(back, inputs), ref, atol=1e-6, rtol=1e-6)
+
+
 def test_servable_check_names_what_a_server_would_refuse_or_change(tmp_path):
     model = adapters.init(tiny_model("qwen3", "causal_lm"))
     model.add_adapter("plain", adapters.LoRAConfig(target_modules="all-linear", r=4, rank_pattern={"down_proj": 2},

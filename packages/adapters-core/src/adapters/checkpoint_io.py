@@ -103,12 +103,13 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def head_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The task head: parameters outside the base model, skipping any tied to a base-model tensor and the
+    """The task head: parameters outside the base model, skipping any tied to a base-model tensor, the
     output embeddings (``lm_head``: frozen by ``train_adapter``, so unchanged) unless made trainable on
-    purpose after ``train_adapter``."""
+    purpose after ``train_adapter``, and every adapter's own parameters (a LoRA on the LM head lives in it:
+    it is saved as the adapter's, never as a head)."""
     state = model._adapters_state
     base_ptrs = {p.data_ptr() for p in state.points.base_model.parameters()}
-    base_ids = {id(p) for p in state.points.base_model.parameters()}
+    base_ids = {id(p) for p in state.points.base_model.parameters()} | state.owned_parameter_ids()
     getter = getattr(model, "get_output_embeddings", None)
     output = getter() if callable(getter) else None
     frozen_output = set()
@@ -128,9 +129,14 @@ def embedding_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     or unfrozen by hand after ``train_adapter``)."""
     state = model._adapters_state
     point = state.points.embeddings
-    if state.training is None or point is None or not any(p.requires_grad for p in point.module.parameters()):
+    if state.training is None or point is None:
         return {}
-    return {k: v.detach().clone().contiguous() for k, v in point.module.state_dict().items()}
+    owned = state.owned_parameter_ids()  # a LoRA on the embeddings lives in them: its tensors are the adapter's
+    params = list(point.module.named_parameters(remove_duplicate=False))
+    if not any(p.requires_grad for _, p in params if id(p) not in owned):
+        return {}
+    adapter_keys = {name for name, p in params if id(p) in owned}
+    return {k: v.detach().clone().contiguous() for k, v in point.module.state_dict().items() if k not in adapter_keys}
 
 
 def detect_format(meta: dict[str, Any]) -> str | None:

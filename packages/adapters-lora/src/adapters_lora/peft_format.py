@@ -260,6 +260,19 @@ def _fused_tensors(layer: nn.Module, params: dict[str, torch.Tensor], use_dora: 
     return {"lora_A.weight": a_full.contiguous(), "lora_B.weight": b_full}
 
 
+def _fused_ia3(layer: nn.Module, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """IA3 on parts of a fused q|k|v projection as one scaling of the whole output: each part's vector on its
+    rows, 1 on the rows no part scales (the same function)."""
+    width = layer.out_features
+    first = next(v for k, v in params.items() if k.endswith(".lora_B"))
+    full = torch.ones(width, dtype=first.dtype)
+    for w in ("q", "k", "v"):
+        key = f"parts.{w}.lora_B"
+        if key in params:
+            full[rows_of(layer.fused, w, width)] = params[key].reshape(-1)
+    return full
+
+
 def save_peft(model: nn.Module, directory: str, name: str) -> None:
     """Write LoRA / DoRA / IA3 adapter ``name`` in PEFT's format (``PeftModel.from_pretrained`` loads it).
 
@@ -284,6 +297,8 @@ def save_peft(model: nn.Module, directory: str, name: str) -> None:
             if "input_scale" in params:  # IA3 on the input: PEFT's feedforward_modules, ia3_l of shape (1, in)
                 out[f"{PEFT_PREFIX}{path}.ia3_l"] = params["input_scale"].reshape(1, -1)
                 inputs.append(path)
+            elif any(k.startswith("parts.") for k in params):  # parts of a fused q|k|v: one vector, 1 elsewhere
+                out[f"{PEFT_PREFIX}{path}.ia3_l"] = _fused_ia3(layer, params).reshape(-1, 1)
             else:
                 out[f"{PEFT_PREFIX}{path}.ia3_l"] = params["lora_B"].reshape(-1, 1)
             continue
@@ -304,6 +319,11 @@ def save_peft(model: nn.Module, directory: str, name: str) -> None:
     trained_embeddings = embedding_tensors(model)
     if trained_embeddings:
         whole.update({f"{state.points.embeddings.path}.{k}": v for k, v in trained_embeddings.items()})
+    both = sorted({task_model_path(model, key).rsplit(".", 1)[0] for key in whole} & set(adapted))
+    if both:
+        raise AdapterError(f"Adapter '{name}' adapts {both}, whose own weights train too (modules_to_save); PEFT "
+                           "holds a module either adapted or saved whole, not both. Merge the adapter into it first "
+                           "(merge_adapter) or train it without train_embeddings.")
     for key, tensor in whole.items():
         out[PEFT_PREFIX + task_model_path(model, key)] = tensor
     peft_config = _peft_config(model, config, ia3, sorted(adapted), ranks, scalings, whole)
