@@ -120,6 +120,9 @@ def test_checkpoint_holds_only_adapter_weights_in_native_format(tmp_path):
     x = torch.randint(4, 128, (2, SEQ))
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=x).logits, model(input_ids=x).logits)
+    # the checkpoint directory itself is not an adapter: the error names the subdirectory to load
+    with pytest.raises(adapters.CheckpointError, match=r"holds saved adapters in subdirectories \['a'\]; load one"):
+        fresh.load_adapter(str(ckpt))
 
 
 def test_resume_from_checkpoint_restores_adapters_exactly(tmp_path):

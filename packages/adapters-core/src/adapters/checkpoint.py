@@ -219,6 +219,11 @@ def read_checkpoint(path: str, **hub_kwargs: Any) -> LoadedCheckpoint:
         if loaded is not None:
             return loaded
     if not os.path.exists(os.path.join(directory, CONFIG_FILE)):
+        inside = sorted(d for d in os.listdir(directory) if os.path.isfile(os.path.join(directory, d, CONFIG_FILE)))
+        if inside:  # a training checkpoint (AdapterTrainer) or a save_all_adapters directory
+            example = os.path.join(directory, inside[0])
+            raise CheckpointError(f"{directory} has no {CONFIG_FILE}: it holds saved adapters in subdirectories "
+                                  f"{inside}; load one of them, e.g. load_adapter({example!r}).")
         raise CheckpointError(f"{directory} has no {CONFIG_FILE}; it is not a saved adapter.")
     raise CheckpointError(f"{os.path.join(directory, CONFIG_FILE)} is in no format this installation can read.")
 
