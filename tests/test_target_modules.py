@@ -271,12 +271,19 @@ def _state(model):
 
 @pytest.mark.parametrize(("config", "needle"), [
     (adapters.LoRAConfig(target_modules=["q_proj", "gate_projj"]), r"'gate_projj' \(did you mean \['gate_proj'"),
-    (adapters.LoRAConfig(target_modules=r".*\.nothing_here"), "leaves no module to adapt"),
+    (adapters.LoRAConfig(target_modules=r".*\.nothing_here"), r"is a regular expression that must match a whole "
+                                                               r"module path \(as in peft\), and matches none \(paths "
+                                                               r"look like 'layers\.0\.self_attn\.q_proj'\)\.$"),
+    (adapters.LoRAConfig(target_modules="q_proj"), r"for module names use a list: target_modules=\['q_proj'\]"),
+    (adapters.LoRAConfig(target_modules="All-Linear"), "'all-linear' is spelt in lower case"),
+    (adapters.LoRAConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]),
+     r"names 2 module\(s\), and exclude_modules=\['q_proj'\] leave none"),
     (adapters.LoRAConfig(target_modules=["mlp"]), "matched 'layers.0.mlp', a Qwen3MLP"),
     (adapters.IA3Config(target_modules=["embed_tokens"]), "IA3.*cannot adapt an embedding"),
     (adapters.DoRAConfig(target_modules=["embed_tokens"]), "use_dora=True cannot adapt an embedding"),
     ("vera[target_modules=['embed_tokens']]", "a Embedding; VeRA adapts nn.Linear, Conv1D modules"),
-    (adapters.LoRAConfig(target_modules="all-linear", layers_to_transform=[7]), "leaves no module"),
+    (adapters.LoRAConfig(target_modules="all-linear", layers_to_transform=[7]),
+     r"and layers_to_transform=\[7\] leave none of them \(the model has layers 0 to 1\)"),
 ])
 def test_bad_targets_are_refused_and_leave_the_model_unchanged(config, needle):
     model = adapters.init(tiny_model("qwen3"))

@@ -170,6 +170,7 @@ def select_modules(points: ModelPoints, config: Any, label: str) -> list[NamedMo
     used: set[str] = set()
     chosen: list[NamedModule] = []
     all_names: list[str] = []
+    matched = 0  # modules target_modules names, before exclude_modules, layers_to_transform and leave_out
     places: dict[int, list[ModulePoint]] = {}
     for path, module, parent, attr in _walk(points.root, ""):
         places.setdefault(id(module), []).append(ModulePoint(parent, attr, path, path))
@@ -184,7 +185,10 @@ def select_modules(points: ModelPoints, config: Any, label: str) -> list[NamedMo
             entries = [e for e in wanted if name_matches_plain(e, names)]
             used.update(entries)
             hit = bool(entries)
-        if not hit or (excluded is not None and names_match(excluded, names)):
+        if not hit:
+            continue
+        matched += 1
+        if excluded is not None and names_match(excluded, names):
             continue
         if layer_filter is not None and layer not in layer_filter:
             continue
@@ -197,6 +201,8 @@ def select_modules(points: ModelPoints, config: Any, label: str) -> list[NamedMo
             location = names[-1]
         chosen.append(NamedModule(ModulePoint(parent, attr, path, location), layer, names))
     _check_found(wanted, used, chosen, all_names, label)
+    if not chosen:
+        _nothing_left(config, matched, all_names, len(points.layers), label)
     unique: dict[int, NamedModule] = {}
     for named in chosen:  # a module registered under several names is adapted once, at every name
         first = unique.setdefault(id(named.module), named)
@@ -228,7 +234,24 @@ def _check_found(wanted: str | list[str], used: set[str], chosen: list[NamedModu
             detail = "; ".join(f"{e!r}" + (f" (did you mean {h}?)" if h else "") for e, h in hints.items())
             raise AdapterError(f"{label} target_modules entries match no module of this model: {detail}. Module "
                                f"names end in e.g. {leaves[:12]}.")
-    if not chosen:
-        what = "'all-linear' (no linear module inside the layers)" if wanted == ALL_LINEAR else repr(wanted)
-        raise AdapterError(f"{label} target_modules={what} leaves no module to adapt (after exclude_modules, "
-                           "layers_to_transform and leave_out).")
+
+
+def _nothing_left(config: Any, matched: int, all_names: list[str], layers: int, label: str) -> None:
+    """The error for a selection that adapts nothing: what matched nothing, or which filter removed all."""
+    wanted = config.target_modules
+    if not matched:
+        if wanted == ALL_LINEAR:
+            raise AdapterError(f"{label} target_modules='all-linear' finds no linear module inside the layers.")
+        example = max(all_names[:500], key=lambda n: n.count("."), default="")
+        if str(wanted).lower() == ALL_LINEAR:
+            hint = "; 'all-linear' is spelt in lower case"
+        elif re.escape(wanted) == wanted:  # a plain name, not an expression
+            hint = f"; for module names use a list: target_modules=[{wanted!r}]"
+        else:
+            hint = ""
+        raise AdapterError(f"{label} target_modules={wanted!r} is a regular expression that must match a whole "
+                           f"module path (as in peft), and matches none (paths look like {example!r}){hint}.")
+    filters = {name: getattr(config, name, None) for name in ("exclude_modules", "layers_to_transform", "leave_out")}
+    set_filters = ", ".join(f"{k}={v!r}" for k, v in filters.items() if v not in (None, [], ()))
+    raise AdapterError(f"{label} target_modules={wanted!r} names {matched} module(s), and {set_filters} leave none "
+                       f"of them (the model has layers 0 to {layers - 1}).")
