@@ -295,6 +295,21 @@ def test_bad_targets_are_refused_and_leave_the_model_unchanged(config, needle):
     assert not model._adapters_state.adapters
 
 
+def test_pattern_keys_and_exclusions_that_match_nothing_warn():
+    """A ``rank_pattern`` / ``alpha_pattern`` key matching no adapted module, or an ``exclude_modules`` entry
+    matching no module, is named in a warning (a typo would go unnoticed otherwise); used ones do not warn."""
+    model = adapters.init(tiny_model("qwen3"))
+    config = adapters.LoRAConfig(target_modules=["q_proj", "v_proj"], rank_pattern={"q_projj": 2, "v_proj": 4},
+                                 alpha_pattern={"q_proj": 8}, exclude_modules=["k_prj"])
+    with pytest.warns(UserWarning) as record:
+        model.add_adapter("x", config=config)
+    messages = [str(w.message) for w in record]
+    assert any("rank_pattern keys ['q_projj'] match none of the 4 adapted modules" in m for m in messages), messages
+    assert any("exclude_modules entries ['k_prj'] match no module" in m for m in messages), messages
+    assert not any("alpha_pattern" in m for m in messages)
+    assert model.layers[0].self_attn.v_proj.adapters["x"].lora_A.shape[0] == 4
+
+
 @pytest.mark.parametrize("bad", [{"target_modules": "("}, {"target_modules": []}, {"target_modules": [3]},
                                  {"rank_pattern": {"q_proj": 0}}, {"layers_to_transform": [-1]}])
 def test_invalid_fields_fail_when_the_config_is_made(bad):

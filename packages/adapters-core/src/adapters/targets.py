@@ -16,6 +16,7 @@ Both honour ``leave_out`` and ``layers_to_transform``; :func:`target_config` app
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,7 +25,7 @@ from torch import nn
 from .errors import AdapterError
 from .linear import AdapterLinear, Rows, count_rows, is_linear_like
 from .method import AdapterLayer
-from .module_match import pattern_value, select_modules, uses_target_modules
+from .module_match import name_matches, names_match, pattern_value, select_modules, uses_target_modules
 from .points import FusedQKV, ModelPoints, ModulePoint, linear_features
 
 __all__ = ["LinearPlacement", "LinearTarget", "check_linear_placement", "linear_targets", "target_config",
@@ -85,7 +86,7 @@ def check_linear_placement(config: LinearPlacement, points: ModelPoints, label: 
     """Refuse (before anything changes) a config whose projections the model's interface does not name
     (with ``target_modules``: whose names match nothing)."""
     if uses_target_modules(config):
-        select_modules(points, config, label)
+        _warn_unused_names(config, select_modules(points, config, label), points, label)
         return
     interface = points.interface
     wanted = set(config.attn_matrices) if config.selfattn_lora else set()
@@ -106,6 +107,25 @@ def check_linear_placement(config: LinearPlacement, points: ModelPoints, label: 
     if not (wanted or config.intermediate_lora or config.output_lora):
         raise AdapterError(f"This {label} config adapts nothing: enable selfattn_lora with attn_matrices, "
                            "intermediate_lora or output_lora.")
+
+
+def _warn_unused_names(config: Any, selected: list, points: ModelPoints, label: str) -> None:
+    """Warn about ``rank_pattern`` / ``alpha_pattern`` keys that match none of the adapted modules and
+    ``exclude_modules`` entries that match no module (a typo there would otherwise go unnoticed; peft ignores
+    both silently)."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        keys = list(getattr(config, field, None) or {})
+        unused = [k for k in keys if not any(name_matches(k, m.names) for m in selected)]
+        if unused:
+            warnings.warn(f"{label} {field} keys {unused} match none of the {len(selected)} adapted modules (e.g. "
+                          f"{selected[0].names[-1]!r}); their values are not used.", UserWarning, stacklevel=5)
+    excluded = getattr(config, "exclude_modules", None)
+    if isinstance(excluded, list) and excluded:
+        paths = [(p,) for p, _ in points.root.named_modules() if p]
+        unused = [e for e in excluded if not any(names_match([e], names) for names in paths)]
+        if unused:
+            warnings.warn(f"{label} exclude_modules entries {unused} match no module of this model; they exclude "
+                          "nothing.", UserWarning, stacklevel=5)
 
 
 def _features(point: ModulePoint, label: str, layer_type: type | None) -> tuple[int, int]:
