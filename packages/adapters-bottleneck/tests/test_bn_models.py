@@ -150,3 +150,13 @@ def test_lora_on_same_projection_keeps_bottleneck(make, helpers):
     assert torch.equal(helpers.output(model, inputs), bn_out)
     model.delete_adapter("bn")
     assert torch.equal(helpers.output(model, inputs), base)
+
+
+def test_summary_names_the_bottleneck_kind(make):
+    """``adapter_summary`` tells the bottleneck kinds apart (the configs' ``label``)."""
+    model, _ = make("bert")
+    kinds = (("s", "seq_bn"), ("p", "par_bn"), ("d", "double_seq_bn"), ("c", "compacter[reduction_factor=4]"))
+    for name, config in kinds:
+        model.add_adapter(name, config)
+    rows = {r["name"]: r["method"] for r in model.adapter_summary(as_dict=True)}
+    assert [rows[n] for n in "spdc"] == ["seq_bn", "par_bn", "double_seq_bn", "compacter"]

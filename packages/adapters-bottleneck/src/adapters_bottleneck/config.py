@@ -147,6 +147,16 @@ class BnConfig(AdapterConfig):
     phm_bias: bool = True
     dtype: str | None = None
 
+    @property
+    def label(self) -> str:
+        """``"compacter"``, ``"par_bn"``, ``"double_seq_bn"`` or ``"seq_bn"``: the kind of bottleneck this config
+        places (for summaries)."""
+        if self.phm_layer:
+            return "compacter"
+        if self.is_parallel:
+            return "par_bn"
+        return "double_seq_bn" if self.mh_adapter and self.output_adapter else "seq_bn"
+
     def __post_init__(self) -> None:
         self.leave_out = [int(i) for i in self.leave_out]
         self.non_linearity = str(self.non_linearity).lower()
