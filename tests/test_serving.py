@@ -378,6 +378,42 @@ def test_an_adapter_no_row_names_changes_nothing(method) -> None:
     torch.testing.assert_close(routed, alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "seq_bn", "par_bn", "loreft", "prefix_tuning[prefix_length=2]"])
+def test_encoder_decoder_generate_runs_the_calls_setup_in_the_encoder(arch, method) -> None:
+    """``generate()`` on an encoder-decoder model calls the encoder alone before the decoder steps: an open
+    ``AdapterSetup``, ``AdapterSetup(None)`` and per-row ``adapter_names`` reach it, so each gives what the same
+    setup made active gives (was: the encoder ran the default setup, the decoder the asked one)."""
+    model = adapters.init(tiny_model(arch, "seq2seq_lm"))
+    for i, name in enumerate("ab"):
+        model.add_adapter(name, method)
+        _perturb(model, name, seed=i + 1, std=0.5)
+    model.eval()
+    prompts = tiny_inputs(model, batch=3, seq=5)
+    kwargs = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                  decoder_start_token_id=0, pad_token_id=0)
+
+    def scores(**extra):
+        return torch.stack(model.generate(**prompts, **kwargs, **extra).scores, dim=1)
+
+    with torch.no_grad():
+        alone = {}
+        for name in ("a", "b", None):
+            model.set_active_adapters(name)
+            alone[name] = scores()
+        model.set_active_adapters("a")
+        with adapters.AdapterSetup("b"):
+            torch.testing.assert_close(scores(), alone["b"], rtol=1e-5, atol=1e-5)
+        with adapters.AdapterSetup(None):
+            torch.testing.assert_close(scores(), alone[None], rtol=1e-5, atol=1e-5)
+        # (a prefix adds positions to its rows: base rows cannot share a batch with prefixed ones)
+        rows = ["b", "a", "b"] if method.startswith("prefix") else ["b", None, "a"]
+        routed = scores(adapter_names=[name or "__base__" for name in rows])
+    for row, name in enumerate(rows):
+        torch.testing.assert_close(routed[row], alone[name][row], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(alone["a"], alone["b"])
+
+
 # ---------------------------------------------------------------------------------------------- hot swap
 def _saved(tmp_path, config: str, seed: int, name: str = "new") -> str:
     source = tiny_model("qwen3")

@@ -27,7 +27,8 @@ from .errors import CompositionError
 from .plan import IDENTITY, MultiTaskPlan
 from .plan_compile import PlanTable
 
-__all__ = ["pre_forward", "post_forward", "generate_with_setup", "call_setup", "rows_table", "BASE_ROW"]
+__all__ = ["pre_forward", "post_forward", "encoder_pre_forward", "encoder_post_forward", "generate_with_setup",
+           "call_setup", "rows_table", "BASE_ROW"]
 
 #: The name that sends a row of ``adapter_names=[...]`` to the base model (no adapter), as in peft.
 BASE_ROW = "__base__"
@@ -120,6 +121,37 @@ def post_forward(model: nn.Module, args: tuple, output: Any) -> None:
     stack = _calls()
     if stack and stack.pop():
         pop_context()
+    return None
+
+
+_encoder_local = threading.local()
+
+
+def _encoder_calls() -> list:
+    stack = getattr(_encoder_local, "stack", None)
+    if stack is None:
+        stack = _encoder_local.stack = []
+    return stack
+
+
+def encoder_pre_forward(state: Any, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of an encoder-decoder model's encoder: a call of the encoder alone (``generate()`` runs
+    it before the decoder steps; ``model.get_encoder()(...)``) under an open :class:`AdapterSetup` (or a
+    generation's ``adapter_names`` / ``task_ids``) runs that setup, as a call of the whole model would. Inside a
+    call of the model (its context is active) or with no setup open, it does nothing."""
+    model = state.model
+    if not _context.OPEN_SETUPS or current_setup(model) is None or _context.call_context(state.token) is not None:
+        _encoder_calls().append(False)
+        return None
+    _encoder_calls().append(True)  # pre_forward always pushes one entry that post_forward pops
+    return pre_forward(model, args, kwargs)
+
+
+def encoder_post_forward(state: Any, encoder: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook (always called) of the encoder: ends what :func:`encoder_pre_forward` started."""
+    stack = _encoder_calls()
+    if stack and stack.pop():
+        post_forward(state.model, args, output)
     return None
 
 

@@ -4,11 +4,12 @@ and ``load_model`` (a model and the adapter saved beside it)."""
 from __future__ import annotations
 
 import inspect
+from functools import partial
 from typing import Any
 
 from torch import nn
 
-from .forward import post_forward, pre_forward
+from .forward import encoder_post_forward, encoder_pre_forward, post_forward, pre_forward
 from .interface import AdapterModelInterface
 from .model import _adapter_class
 from .plugins import registry
@@ -73,8 +74,27 @@ def init(model: nn.Module, interface: AdapterModelInterface | str | None = None)
     state.forward_params = params  # type: ignore[attr-defined]
     state.hook_handles.append(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
     state.hook_handles.append(model.register_forward_hook(post_forward, always_call=True))
+    encoder = _separate_encoder(model)
+    if encoder is not None:  # generate() calls it alone, before the decoder steps: it must see the call's setup
+        state.hook_handles.append(encoder.register_forward_pre_hook(partial(encoder_pre_forward, state),
+                                                                    with_kwargs=True))
+        state.hook_handles.append(encoder.register_forward_hook(partial(encoder_post_forward, state),
+                                                                always_call=True))
     state.apply_setup(None)
     return model
+
+
+def _separate_encoder(model: nn.Module) -> nn.Module | None:
+    """The encoder of an encoder-decoder model (``get_encoder()``), which ``generate()`` calls on its own."""
+    config = getattr(model, "config", None)
+    getter = getattr(model, "get_encoder", None)
+    if not getattr(config, "is_encoder_decoder", False) or not callable(getter):
+        return None
+    try:
+        encoder = getter()
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    return encoder if isinstance(encoder, nn.Module) and encoder is not model else None
 
 
 def load_model(model_or_path: Any, adapter_path: str, **kwargs: Any) -> nn.Module:
