@@ -12,7 +12,7 @@ import torch
 
 import adapters
 import adapters.composition as ac
-from adapters.testing import tiny_inputs, tiny_model
+from adapters.testing import DECODER_ONLY, supports, tiny_inputs, tiny_model
 from adapters.testing.conformance import perturb
 
 OTHERS = ["lora[r=2, init_weights='bert']", "seq_bn", "ia3", "vera[r=8]", "par_bn"]
@@ -105,3 +105,27 @@ def test_prompt_under_reft_generates_the_same_with_and_without_cache():
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
     torch.testing.assert_close(cached[0], plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [t for t in DECODER_ONLY if supports(t, "causal_lm")])
+@pytest.mark.parametrize("method", ["prompt_tuning[prompt_length=3]", "prefix_tuning[prefix_length=2]"])
+def test_prompt_methods_act_on_every_causal_lm(arch, method):
+    """Prompt and prefix tuning on the causal-LM class of every decoder architecture: the logits change (OPT's
+    task class calls its decoder directly, past the base model's forward: a prompt hooked there did nothing),
+    the loss reaches the adapter, and turning it off gives the base logits exactly."""
+    model = adapters.init(tiny_model(arch, "causal_lm"))
+    inputs = tiny_inputs(model, batch=2, seq=5)
+    with torch.no_grad():
+        base = model(**inputs).logits
+    model.add_adapter("p", config=method)
+    model.train_adapter("p")
+    model.eval()  # (no dropout: the outputs are compared)
+    perturb(model, "p")
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert out.logits.shape == base.shape
+    assert not torch.allclose(out.logits, base, atol=1e-4), arch
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model._adapters_state.adapter_parameters("p"))
+    model.set_active_adapters(None)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base)

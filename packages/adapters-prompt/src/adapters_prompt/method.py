@@ -39,7 +39,10 @@ def _input_embedding(entry: nn.Module, points: ModelPoints) -> nn.Module | None:
 
 
 def prompt_entry(points: ModelPoints) -> tuple[nn.Module, nn.Module | None, str]:
-    """``(entry module, decoder stack or None, input-embedding path inside the entry)`` for prompt tuning.
+    """``(entry module, decoder stack or None, input-embedding path inside the entry)`` for prompt tuning: the
+    module that embeds the tokens and runs the layer stack (the base model, or the stack's parent when that
+    takes ``inputs_embeds`` and ``attention_mask`` itself, as OPT's decoder, which ``OPTForCausalLM`` calls
+    without the base model's forward), and for two stacks the encoder's and decoder's parents.
 
     :raises AdapterError: the entry takes no ``inputs_embeds``, or its input embedding cannot be found.
     """
@@ -49,7 +52,13 @@ def prompt_entry(points: ModelPoints) -> tuple[nn.Module, nn.Module | None, str]
     def parent(path: str) -> nn.Module:
         return base.get_submodule(path.rsplit(".", 1)[0]) if "." in path else base
 
-    entry, decoder = (parent(stacks[0]), parent(stacks[1])) if len(stacks) > 1 else (base, None)
+    if len(stacks) > 1:
+        entry, decoder = parent(stacks[0]), parent(stacks[1])
+    else:  # the stack's own parent when it takes the embeddings (OPT's decoder: its task classes call it directly)
+        inner = parent(stacks[0])
+        takes = param_names(inner)
+        entry = inner if "inputs_embeds" in takes and "attention_mask" in takes else base
+        decoder = None
     if "inputs_embeds" not in param_names(entry):
         raise AdapterError(f"Prompt tuning passes the prompt as inputs_embeds, but {type(entry).__name__}.forward "
                            "takes no inputs_embeds.")
