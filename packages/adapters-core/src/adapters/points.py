@@ -248,16 +248,17 @@ def qkv_sizes(config: object, out_features: int, interface: AdapterModelInterfac
             )
     else:
         heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        kv_heads = _kv_heads(config)
         hidden = getattr(config, "hidden_size", None)
         head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
         sizes = None
         if heads and head_dim:
-            guess = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+            guess = (heads * head_dim, (kv_heads or heads) * head_dim, (kv_heads or heads) * head_dim)
             if sum(guess) == out_features:
                 sizes = guess
         if sizes is None:
-            if out_features % 3:
+            if out_features % 3 or (kv_heads is not None and kv_heads != heads):  # equal thirds: only with as
+                # many key/value heads as query heads (a multi-query model's thirds would cut through q)
                 raise InterfaceError(
                     f"Cannot tell the q/k/v widths of a fused projection with {out_features} outputs; "
                     "set attn_qkv_split=[q, k, v] in the interface."
@@ -267,6 +268,18 @@ def qkv_sizes(config: object, out_features: int, interface: AdapterModelInterfac
     if interface.attn_qkv_layout == "per_head" and len(set(sizes)) != 1:
         raise InterfaceError("attn_qkv_layout='per_head' needs equal q/k/v widths.")
     return FusedQKV(sizes=sizes, layout=interface.attn_qkv_layout, num_heads=heads)
+
+
+def _kv_heads(config: object) -> int | None:
+    """Key/value heads the config states (``num_key_value_heads``; Falcon's ``num_kv_heads`` / ``multi_query``;
+    ``n_head_kv``), ``None`` when it states none."""
+    if getattr(config, "multi_query", False) is True and not getattr(config, "new_decoder_architecture", False):
+        return 1  # (Falcon's config keeps num_kv_heads = heads then)
+    for name in ("num_key_value_heads", "num_kv_heads", "n_head_kv"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 class _Resolver:
