@@ -283,7 +283,9 @@ def _state(model):
     (adapters.DoRAConfig(target_modules=["embed_tokens"]), "use_dora=True cannot adapt an embedding"),
     ("vera[target_modules=['embed_tokens']]", "a Embedding; VeRA adapts nn.Linear, Conv1D modules"),
     (adapters.LoRAConfig(target_modules="all-linear", layers_to_transform=[7]),
-     r"and layers_to_transform=\[7\] leave none of them \(the model has layers 0 to 1\)"),
+     r"places no adapter: layers_to_transform=\[7\] leave no layer of this model \(it has layers 0 to 1\)"),
+    ("lora[layers_to_transform=[7]]", r"LoRA places no adapter: layers_to_transform=\[7\] leave no layer"),
+    ("vera[leave_out=[0, 1]]", r"VeRA places no adapter: leave_out=\[0, 1\] leave no layer"),
 ])
 def test_bad_targets_are_refused_and_leave_the_model_unchanged(config, needle):
     model = adapters.init(tiny_model("qwen3"))

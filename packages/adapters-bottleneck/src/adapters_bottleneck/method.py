@@ -14,6 +14,7 @@ from adapters.plugin import (
     LayerPoints,
     ModelPoints,
     ModulePoint,
+    check_layer_indices,
     linear_features,
 )
 
@@ -88,6 +89,7 @@ class BottleneckMethod(AdapterMethod):
             raise AdapterError("mh_adapter=True needs attn_o_proj in the model's interface.")
         if config.output_adapter and not interface.layer_output_proj:
             raise AdapterError("output_adapter=True needs layer_output_proj in the model's interface.")
+        check_layer_indices(config, [lp.index for lp in points.layers], "This bottleneck config")
         leave_out = set(config.leave_out)
         placed = 0
         for lp in points.layers:

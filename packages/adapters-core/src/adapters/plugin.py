@@ -75,7 +75,14 @@ from .points import AttentionPoints, FusedQKV, LayerPoints, ModelPoints, ModuleP
 from .quantized import adapter_dtype_at
 from .shared_ref import SharedRef
 from .state import AdapterState
-from .targets import LINEAR_HOOK_POINTS, LinearTarget, check_linear_placement, linear_targets, target_config
+from .targets import (
+    LINEAR_HOOK_POINTS,
+    LinearTarget,
+    check_layer_indices,
+    check_linear_placement,
+    linear_targets,
+    target_config,
+)
 
 __all__ = [
     "CONFIG_FILE",
@@ -148,6 +155,7 @@ __all__ = [
     "SharedRef",
     "SplitPlan",
     "StackPlan",
+    "check_layer_indices",
     "check_linear_placement",
     "check_module_fields",
     "count_rows",

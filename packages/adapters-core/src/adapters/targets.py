@@ -28,8 +28,8 @@ from .method import AdapterLayer
 from .module_match import name_matches, names_match, pattern_value, select_modules, uses_target_modules
 from .points import FusedQKV, ModelPoints, ModulePoint, linear_features
 
-__all__ = ["LinearPlacement", "LinearTarget", "check_linear_placement", "linear_targets", "target_config",
-           "LINEAR_HOOK_POINTS"]
+__all__ = ["LinearPlacement", "LinearTarget", "check_linear_placement", "check_layer_indices", "linear_targets",
+           "target_config", "LINEAR_HOOK_POINTS"]
 
 #: The interface hook points :func:`linear_targets` places adapters through (a method's ``hook_points``).
 LINEAR_HOOK_POINTS = frozenset({"attn_q_proj", "attn_k_proj", "attn_v_proj", "attn_qkv_proj", "attn_o_proj",
@@ -85,6 +85,7 @@ def target_config(config: Any, target: LinearTarget) -> Any:
 def check_linear_placement(config: LinearPlacement, points: ModelPoints, label: str) -> None:
     """Refuse (before anything changes) a config whose projections the model's interface does not name
     (with ``target_modules``: whose names match nothing)."""
+    check_layer_indices(config, [lp.index for lp in points.layers], label)
     if uses_target_modules(config):
         _warn_unused_names(config, select_modules(points, config, label), points, label)
         return
@@ -107,6 +108,26 @@ def check_linear_placement(config: LinearPlacement, points: ModelPoints, label: 
     if not (wanted or config.intermediate_lora or config.output_lora):
         raise AdapterError(f"This {label} config adapts nothing: enable selfattn_lora with attn_matrices, "
                            "intermediate_lora or output_lora.")
+
+
+def check_layer_indices(config: Any, indices: list[int], label: str) -> None:
+    """``layers_to_transform`` / ``leave_out`` against the model's layer indices: indices the model lacks are
+    named in a warning; a choice that leaves no layer is refused.
+
+    :raises AdapterError: no layer remains."""
+    if not indices:
+        return
+    span = f"it has layers {min(indices)} to {max(indices)}"
+    only = getattr(config, "layers_to_transform", None)
+    leave = set(getattr(config, "leave_out", None) or ())
+    for name, value in (("layers_to_transform", only), ("leave_out", leave)):
+        missing = sorted(set(value or ()) - set(indices))
+        if missing:
+            warnings.warn(f"{label} {name} names layers {missing} this model does not have ({span}).", UserWarning,
+                          stacklevel=5)
+    if not any((only is None or i in only) and i not in leave for i in indices):
+        chosen = ", ".join(f"{n}={v!r}" for n, v in (("layers_to_transform", only), ("leave_out", sorted(leave))) if v)
+        raise AdapterError(f"{label} places no adapter: {chosen} leave no layer of this model ({span}).")
 
 
 def _warn_unused_names(config: Any, selected: list, points: ModelPoints, label: str) -> None:
