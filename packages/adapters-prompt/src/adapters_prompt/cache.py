@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from adapters.plugin import AdapterError
+
 __all__ = ["PrefixedCache", "wrap_cache", "pad_mask", "pad_position_bias"]
 
 _ENC_DEC: type | None = None
@@ -41,6 +43,14 @@ class PrefixedCache:
         self.is_updated: dict = {}
 
     def _with_prefix(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        want = self.keys.shape
+        if k.dim() != 4 or k.shape[0] != want[0] or k.shape[1] != want[1] or k.shape[3] != want[3]:
+            raise AdapterError(
+                f"Prefix tuning cannot join its keys/values (batch × kv heads × positions × head dim = "
+                f"{tuple(want)}) to this attention's ({tuple(k.shape)}): the attention stores keys in another "
+                "layout (multi-query or ALiBi attention such as Falcon's or Bloom's, or heads repeated before "
+                "the cache). Prefix tuning supports attentions that cache batch × kv heads × positions × head dim; "
+                "use prompt tuning or LoRA on this model.")
         return (torch.cat([self.keys.to(k.dtype), k], dim=-2), torch.cat([self.values.to(v.dtype), v], dim=-2))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
