@@ -200,3 +200,20 @@ def test_t5_attention_by_hand(where, kind, helpers):
         weights = torch.softmax(heads(attn.q(h)) @ keys.transpose(2, 3) + bias, dim=-1)
         expected = attn.o((weights @ values).transpose(1, 2).reshape(b, t, 32))
     torch.testing.assert_close(seen["out"], expected, rtol=0, atol=1e-5)
+
+
+def test_an_attention_caching_another_layout_is_named():
+    """Keys an attention caches in another layout than batch × kv heads × positions × head dim (multi-query or
+    ALiBi attentions of some models) get an error naming the layouts, not a bare shape error from torch.cat."""
+    import pytest
+    import torch
+    from adapters_prompt.cache import PrefixedCache
+
+    from adapters.plugin import AdapterError
+
+    cache = PrefixedCache(None, torch.zeros(2, 2, 3, 8), torch.zeros(2, 2, 3, 8), store=False)
+    keys, values = cache.update(torch.ones(2, 2, 5, 8), torch.ones(2, 2, 5, 8), 0)
+    assert keys.shape == (2, 2, 8, 8) and values.shape == (2, 2, 8, 8)
+    with pytest.raises(AdapterError, match=r"cannot join its keys/values .*\(2, 2, 3, 8\) to this attention's "
+                                           r"\(2, 1, 5, 8\)"):
+        cache.update(torch.ones(2, 1, 5, 8), torch.ones(2, 1, 5, 8), 0)
