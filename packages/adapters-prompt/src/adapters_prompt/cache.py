@@ -47,7 +47,7 @@ class PrefixedCache:
         if k.dim() != 4 or k.shape[0] != want[0] or k.shape[1] != want[1] or k.shape[3] != want[3]:
             raise AdapterError(
                 f"Prefix tuning cannot join its keys/values (batch × kv heads × positions × head dim = "
-                f"{tuple(want)}) to this attention's ({tuple(k.shape)}): the attention stores keys in another "
+                f"{tuple(want)}) to this attention's {tuple(k.shape)}: the attention stores keys in another "
                 "layout (multi-query or ALiBi attention such as Falcon's or Bloom's, or heads repeated before "
                 "the cache). Prefix tuning supports attentions that cache batch × kv heads × positions × head dim; "
                 "use prompt tuning or LoRA on this model.")
