@@ -214,6 +214,6 @@ def test_an_attention_caching_another_layout_is_named():
     cache = PrefixedCache(None, torch.zeros(2, 2, 3, 8), torch.zeros(2, 2, 3, 8), store=False)
     keys, values = cache.update(torch.ones(2, 2, 5, 8), torch.ones(2, 2, 5, 8), 0)
     assert keys.shape == (2, 2, 8, 8) and values.shape == (2, 2, 8, 8)
-    with pytest.raises(AdapterError, match=r"cannot join its keys/values .*\(2, 2, 3, 8\) to this attention's "
+    with pytest.raises(AdapterError, match=r"cannot join its keys/values .*\(2, 2, 3, 8\)\) to this attention's "
                                            r"\(2, 1, 5, 8\)"):
         cache.update(torch.ones(2, 1, 5, 8), torch.ones(2, 1, 5, 8), 0)
