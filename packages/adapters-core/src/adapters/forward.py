@@ -39,11 +39,17 @@ _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "
 _call_local = threading.local()
 
 
-def _calls() -> list:
-    stack = getattr(_call_local, "stack", None)
+def _thread_stack(name: str) -> list:
+    """A per-thread list ``name`` (the calls and encoder calls this thread has open)."""
+    stack = getattr(_call_local, name, None)
     if stack is None:
-        stack = _call_local.stack = []
+        stack = []
+        setattr(_call_local, name, stack)
     return stack
+
+
+def _calls() -> list:
+    return _thread_stack("calls")
 
 
 def call_setup(model: nn.Module) -> tuple[Any, AdapterSetup | None]:
@@ -124,14 +130,8 @@ def post_forward(model: nn.Module, args: tuple, output: Any) -> None:
     return None
 
 
-_encoder_local = threading.local()
-
-
 def _encoder_calls() -> list:
-    stack = getattr(_encoder_local, "stack", None)
-    if stack is None:
-        stack = _encoder_local.stack = []
-    return stack
+    return _thread_stack("encoder_calls")
 
 
 def encoder_pre_forward(state: Any, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
