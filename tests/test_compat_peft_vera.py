@@ -225,7 +225,7 @@ def test_export_refuses_parts_of_a_fused_projection(tmp_path):
     with pytest.raises(AdapterError, match=r"fused projection .*target_modules"):
         model.save_adapter(str(tmp_path / "x"), "v", format="peft")
     assert not (tmp_path / "x").exists()
-    model.add_adapter("lora", adapters.LoRAConfig(r=2, leave_out=[0, 1], output_lora=True, selfattn_lora=False))
+    model.add_adapter("lora", adapters.LoRAConfig(r=2, output_lora=True, selfattn_lora=False))
     with pytest.raises(AdapterError, match="not a VeRA adapter"):
         save_peft_vera(model, str(tmp_path / "y"), "lora")
 

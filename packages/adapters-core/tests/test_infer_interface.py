@@ -327,33 +327,3 @@ def test_norms_after_each_sub_block_leave_both_sub_blocks_reading_the_residual_s
         handle.remove()
     torch.testing.assert_close(seen["ffn_in"], seen["x"] + layer.post_attention_layernorm(seen["attn"]))
 
-
-@pytest.mark.parametrize("config", [
-    dict(cls="FalconConfig", multi_query=True),  # Falcon-7B: one key/value head (its num_kv_heads says 4)
-    dict(cls="GPTBigCodeConfig", multi_query=True),
-])
-def test_multi_query_fused_projection_rows(config):
-    """A fused q|k|v projection of a multi-query model splits as heads·d, d, d (not in equal thirds, which cut
-    through q): the q, k and v parts each change exactly their rows when merged."""
-    import transformers
-
-    cls = getattr(transformers, config.pop("cls"))
-    sizes = dict(vocab_size=128, num_hidden_layers=2, **config)
-    if cls.__name__ == "FalconConfig":
-        cfg, model_cls = cls(hidden_size=32, num_attention_heads=4, **sizes), transformers.FalconForCausalLM
-    else:
-        cfg, model_cls = cls(n_embd=32, n_head=4, n_positions=64, **sizes), transformers.GPTBigCodeForCausalLM
-    torch.manual_seed(0)
-    model = adapters.init(model_cls(cfg), interface="auto")
-    fused = model._adapters_state.points.layers[0].module.module
-    qkv = next(m for n, m in fused.named_modules() if n.endswith(("query_key_value", "c_attn")))
-    before = qkv.weight.detach().clone()
-    rows = {}
-    for part in ("q", "k", "v"):
-        model.add_adapter(part, adapters.LoRAConfig(attn_matrices=[part], init_weights="bert"))
-        model.merge_adapter(part)
-        changed = (qkv.weight != before).any(dim=1 if qkv.weight.shape[0] == 48 else 0).nonzero().flatten()
-        rows[part] = (int(changed.min()), int(changed.max()), len(changed))
-        model.reset_adapter()
-        model.delete_adapter(part)
-    assert rows == {"q": (0, 31, 32), "k": (32, 39, 8), "v": (40, 47, 8)}, rows
