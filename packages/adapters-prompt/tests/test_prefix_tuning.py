@@ -217,3 +217,24 @@ def test_an_attention_caching_another_layout_is_named():
     with pytest.raises(AdapterError, match=r"cannot join its keys/values .*\(2, 2, 3, 8\)\) to this attention's "
                                            r"\(2, 1, 5, 8\)"):
         cache.update(torch.ones(2, 1, 5, 8), torch.ones(2, 1, 5, 8), 0)
+
+
+def test_alibi_attention_is_refused_when_added():
+    """Bloom's attention adds ALiBi biases shaped for the tokens' own keys: prefix tuning is refused when added
+    (it failed at the first forward with a shape error), nothing changes, and prompt tuning still works."""
+    import pytest
+    import torch
+    import transformers
+
+    import adapters
+
+    torch.manual_seed(0)
+    model = adapters.init(transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=128, hidden_size=32, n_layer=2, n_head=4)), interface="auto")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(adapters.AdapterError, match="Prefix tuning is not supported on 'bloom': its attention adds "
+                                                    "ALiBi"):
+        model.add_adapter("p", config="prefix_tuning[prefix_length=2]")
+    assert not model._adapters_state.adapters and model.state_dict().keys() == before.keys()
+    model.add_adapter("q", config="prompt_tuning[prompt_length=2]", set_active=True)
+    assert model(input_ids=torch.randint(3, 128, (2, 5))).logits.shape == (2, 5, 128)

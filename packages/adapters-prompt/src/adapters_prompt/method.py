@@ -234,6 +234,13 @@ def _gate(hidden: int, config: PrefixTuningConfig, dtype: torch.dtype, device: A
     return gate
 
 
+def _uses_alibi(config: object) -> bool:
+    """Whether a model's attention adds ALiBi biases (Bloom always; Falcon and MPT when configured)."""
+    if getattr(config, "model_type", None) == "bloom" or getattr(config, "alibi", False) is True:
+        return True
+    return getattr(getattr(config, "attn_config", None), "alibi", False) is True
+
+
 class PrefixTuningMethod(AdapterMethod):
     """Prefix tuning (Li & Liang 2021): see :mod:`adapters_prompt.prefix`."""
 
@@ -254,6 +261,12 @@ class PrefixTuningMethod(AdapterMethod):
                            "not per-layer weights); average the prompts of prompt tuning, or the pools by hand.")
 
     def validate(self, config: PrefixTuningConfig, points: ModelPoints) -> None:
+        model_config = getattr(points.root, "config", None)
+        if _uses_alibi(model_config):
+            raise AdapterError(
+                f"Prefix tuning is not supported on {getattr(model_config, 'model_type', 'this model')!r}: its "
+                "attention adds ALiBi position biases shaped for the tokens' own keys, which the prefix keys would "
+                "not fit. Use prompt tuning or LoRA on this model.")
         prefix_sites(points, config)
         if points.hidden_size is None and (config.use_gating or not config.flat):
             raise AdapterError("Prefix tuning cannot tell this model's hidden size (config.hidden_size / d_model).")
