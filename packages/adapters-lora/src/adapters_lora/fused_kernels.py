@@ -34,6 +34,19 @@ __all__ = ["low_rank_add", "dora_norm", "dora_grad", "lora_decode"]
 
 
 @triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``a @ b`` accumulated in float32: operands widened first under the interpreter (``UPCAST``), float32
+    products in full precision (``IEEE``)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def low_rank_add(
     inp, down, up, out, h_out, col_scale, col_bias, out2,
     M, N, K, R, n_per_prog, scale,
@@ -63,32 +76,19 @@ def low_rank_add(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         d = tl.load(down + cols[:, None] * s_dk + ranks[None, :] * s_dr,
                     mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            d = d.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(x, d, input_precision="ieee")
-        else:
-            acc += tl.dot(x, d)
+        acc += _dot(x, d, UPCAST, IEEE)
     h = (acc * scale).to(out.dtype.element_ty)
     if STORE_H:
         if pid_n == 0:
             tl.store(h_out + rows[:, None] * s_hm + ranks[None, :] * s_hr, h,
                      mask=row_ok[:, None] & rank_ok[None, :])
     if WRITE_OUT:
-        if UPCAST:
-            h = h.to(tl.float32)
         for j in range(0, n_per_prog):
             cols = (pid_n * n_per_prog + j) * BN + tl.arange(0, BN)
             col_ok = cols < N
             u = tl.load(up + ranks[:, None] * s_ur + cols[None, :] * s_un,
                         mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-            if UPCAST:
-                u = u.to(tl.float32)
-            if IEEE:
-                delta = tl.dot(h, u, input_precision="ieee")
-            else:
-                delta = tl.dot(h, u)
+            delta = _dot(h, u, UPCAST, IEEE)
             ptrs = out + rows[:, None] * s_om + cols[None, :] * s_on
             mask = row_ok[:, None] & col_ok[None, :]
             y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -134,13 +134,7 @@ def dora_norm(
         wf = wv.to(tl.float32)
         wsq += tl.reduce(wf * wf, 1, _add)
         atf = at.to(tl.float32)
-        if UPCAST:
-            wv = wf
-            at = atf
-        if IEEE:
-            wa += tl.dot(wv, at, input_precision="ieee")
-        else:
-            wa += tl.dot(wv, at)
+        wa += _dot(wv, at, UPCAST, IEEE)
         gram += tl.dot(tl.trans(atf), atf, input_precision="ieee")
     bv = tl.load(b + rows[:, None] * s_b0 + ranks[None, :] * s_b1, mask=row_ok[:, None] & rank_ok[None, :],
                  other=0.0).to(tl.float32)
@@ -207,27 +201,13 @@ def lora_decode(
         xv = tl.load(x + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wv = tl.load(w + cols[None, :] * K + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         dv = tl.load(down + ranks[None, :] * K + ks[:, None], mask=rank_ok[None, :] & k_ok[:, None], other=0.0)
-        if UPCAST:
-            xv = xv.to(tl.float32)
-            wv = wv.to(tl.float32)
-            dv = dv.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(xv, wv, input_precision="ieee")
-            hacc += tl.dot(xv, dv, input_precision="ieee")
-        else:
-            acc += tl.dot(xv, wv)
-            hacc += tl.dot(xv, dv)
+        acc += _dot(xv, wv, UPCAST, IEEE)
+        hacc += _dot(xv, dv, UPCAST, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     base = acc.to(dtype).to(tl.float32)
     h = hacc.to(dtype)
     uv = tl.load(up + cols[None, :] * R + ranks[:, None], mask=col_ok[None, :] & rank_ok[:, None], other=0.0)
-    if UPCAST:
-        h = h.to(tl.float32)
-        uv = uv.to(tl.float32)
-    if IEEE:
-        delta = tl.dot(h, uv, input_precision="ieee")
-    else:
-        delta = tl.dot(h, uv)
+    delta = _dot(h, uv, UPCAST, IEEE)
     tl.store(y + rows[:, None] * N + cols[None, :], (base + scale * delta).to(dtype),
              mask=row_ok[:, None] & col_ok[None, :])
