@@ -11,7 +11,6 @@ Interleaved medians, as in ``run.py``. Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -19,11 +18,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import METHODS, adapter_train_step, base_train_step, build_base, interleaved
+from run import METHODS, adapter_copy, adapter_train_step, base_train_step, build_base, interleaved
 
 
 def main() -> None:
-    import adapters
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -41,11 +39,7 @@ def main() -> None:
     mode = None if args.mode == "default" else args.mode
     fns = {"base": base_train_step(torch.compile(base, mode=mode), embeds)}
     for name in args.methods:
-        model = copy.deepcopy(base)
-        adapters.init(model)
-        model.add_adapter("p", config=METHODS[name][0])
-        model.train_adapter("p")
-        model.eval()
+        model = adapter_copy(base, METHODS[name][0], "p")
         fns[name] = adapter_train_step(torch.compile(model, mode=mode), embeds)
     for key, fn in fns.items():  # compile and warm up (CUDA graphs record after a few runs)
         start = time.perf_counter()

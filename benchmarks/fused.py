@@ -39,7 +39,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import METHODS, _randomise_adapter, adapter_train_step, base_train_step, build_base, interleaved, peft_model
+from run import (
+    METHODS,
+    _randomise_adapter,
+    adapter_copy,
+    adapter_train_step,
+    base_train_step,
+    build_base,
+    interleaved,
+    peft_model,
+)
 
 #: methods measured by default, with the issue's goal (train-step ratio to the frozen base, GPU 8 x 512)
 GOALS = {"lora_qv_r8": 1.05, "lora_all_r16": 1.20, "dora": 1.25, "seq_bn": 1.08, "par_bn": 1.08, "loreft": 1.15}
@@ -145,12 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"- {name}: plugin not installed, skipped")
             continue
         print(f"- {name}", flush=True)
-        model = copy.deepcopy(base)
-        adapters.init(model)
-        model.add_adapter("bench", config=config)
-        model.train_adapter("bench")
-        model.eval()
-        _randomise_adapter(model)
+        model = adapter_copy(base, config, randomise=True)
         row: dict[str, Any] = {"goal": GOALS.get(name)}
         if "on" in modes:
             row.update(check(model, embeds, on))

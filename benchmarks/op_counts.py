@@ -12,7 +12,6 @@ in a training step (forward + backward), and the same for peft's equivalent conf
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import METHODS, _randomise_adapter, build_base, peft_model
+from run import METHODS, _randomise_adapter, adapter_copy, build_base, peft_model
 
 from adapters.testing import count_step_ops
 
@@ -48,11 +47,7 @@ def main() -> None:
         if name not in SITES_PER_LAYER or not adapters.registry.has_config_string(config.split("[")[0]):
             continue  # (prompt and prefix tuning lengthen the sequence: no per-site count)
         sites = SITES_PER_LAYER[name] * layers
-        model = copy.deepcopy(base)
-        adapters.init(model)
-        model.add_adapter("a", config=config)
-        model.train_adapter("a")
-        model.eval()
+        model = adapter_copy(base, config, "a")
         ours = _per_site(model, embeds, base_ops, sites)
         theirs = peft_model(base, peft_key) if peft_key else None
         cells = ["–", "–"]

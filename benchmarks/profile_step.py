@@ -10,7 +10,6 @@ and syncs show up. Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 
@@ -18,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import METHODS, adapter_train_step, base_train_step, build_base, infer
+from run import METHODS, adapter_copy, adapter_train_step, base_train_step, build_base, infer
 
 
 def main() -> None:
@@ -29,17 +28,12 @@ def main() -> None:
     parser.add_argument("--mode", choices=["train", "infer"], default="train")
     parser.add_argument("--rows", type=int, default=18)
     args = parser.parse_args()
-    import adapters
 
     gpu = args.device.startswith("cuda")
     size = args.size or ("0.6b" if gpu else "tiny")
     dtype = torch.bfloat16 if gpu else torch.float32
     base = build_base(size, dtype, args.device)
-    model = copy.deepcopy(base)
-    adapters.init(model)
-    model.add_adapter("p", config=METHODS[args.method][0])
-    model.train_adapter("p")
-    model.eval()
+    model = adapter_copy(base, METHODS[args.method][0], "p")
     shape = (8, 512) if gpu else (2, 64)
     if args.mode == "train":
         x = torch.randn(*shape, base.config.hidden_size, device=args.device, dtype=dtype)

@@ -153,6 +153,21 @@ def _randomise_adapter(model: torch.nn.Module) -> None:
                 p.add_(torch.randn(p.shape, generator=gen).to(p) * 1e-3)
 
 
+def adapter_copy(base: torch.nn.Module, config: str, name: str = "bench", randomise: bool = False) -> torch.nn.Module:
+    """A copy of ``base`` with adapter ``name`` (``config``) added and set to train, in eval mode (no dropout);
+    ``randomise``: its zero-initialised weights given values (:func:`_randomise_adapter`)."""
+    import adapters
+
+    model = copy.deepcopy(base)
+    adapters.init(model)
+    model.add_adapter(name, config=config)
+    model.train_adapter(name)
+    model.eval()
+    if randomise:
+        _randomise_adapter(model)
+    return model
+
+
 def peft_model(base: torch.nn.Module, key: str) -> torch.nn.Module | None:
     try:
         import peft

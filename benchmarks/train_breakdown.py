@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import _randomise_adapter, adapter_train_step, base_train_step, build_base, interleaved
+from run import _randomise_adapter, adapter_copy, adapter_train_step, base_train_step, build_base, interleaved
 
 CONFIGS = {"lora_a16": "lora[r=8, alpha=16]", "lora_a8": "lora[r=8, alpha=8]", "seq_bn": "seq_bn"}
 
@@ -37,7 +37,6 @@ def _fwd_bwd(model: torch.nn.Module, embeds: torch.Tensor) -> Callable[[], None]
 
 
 def main() -> None:
-    import adapters
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -51,12 +50,7 @@ def main() -> None:
     embeds = torch.randn(batch, seq, base.config.hidden_size, device=args.device, dtype=dtype)
     fns: dict[str, Callable[[], None]] = {"base": base_train_step(base, embeds)}
     for key, config in CONFIGS.items():
-        model = copy.deepcopy(base)
-        adapters.init(model)
-        model.add_adapter("a", config=config)
-        model.train_adapter("a")
-        model.eval()
-        _randomise_adapter(model)
+        model = adapter_copy(base, config, "a", randomise=True)
         fns[f"{key} fb"] = _fwd_bwd(model, embeds)
         fns[f"{key} step"] = adapter_train_step(model, embeds)
     try:
