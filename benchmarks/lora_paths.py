@@ -14,7 +14,6 @@ shipped path on an H200 (``results_gpu/lora_scale_paths.txt``), so not adopted. 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 
@@ -22,14 +21,19 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import adapter_train_step, base_train_step, build_base, interleaved
+from run import adapter_copy, adapter_train_step, base_train_step, build_base, interleaved
 
 from adapters_lora.layer import LoRALinear
 
 
+def _lone(layer: LoRALinear):
+    """The layer's one active LoRA adapter module (the variants below time a single adapter)."""
+    return layer._modules["adapters"]._modules[layer.active_plan().name]
+
+
 class _Autograd(LoRALinear):
     def forward(self, x):
-        p = self._plain
+        p = _lone(self)
         y = F.linear(x, self.weight, self.bias)
         h = F.linear(x, p.lora_A)
         y2, h2 = y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1])
@@ -43,7 +47,7 @@ class _ScaleOnH(LoRALinear):
     as_tensor = True
 
     def forward(self, x):
-        p = self._plain
+        p = _lone(self)
         x2 = x.reshape(-1, x.shape[-1])
         y2 = x2.mm(self.weight.t())
         h2 = x2.mm(p.lora_A.t())
@@ -65,7 +69,6 @@ VARIANTS = {"flat": LoRALinear, "autograd": _Autograd, "scale_tensor": _ScaleOnH
 
 
 def main() -> None:
-    import adapters
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -79,11 +82,7 @@ def main() -> None:
     base = build_base(args.size or ("0.6b" if gpu else "tiny"), dtype, args.device)
     models = {}
     for key, cls in VARIANTS.items():
-        m = copy.deepcopy(base)
-        adapters.init(m)
-        m.add_adapter("p", config=args.config)
-        m.train_adapter("p")
-        m.eval()
+        m = adapter_copy(base, args.config, "p")
         for mod in m.modules():
             if isinstance(mod, LoRALinear):
                 mod.__class__ = cls
