@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import platform
 import sys
@@ -48,6 +47,7 @@ from run import (
     build_base,
     interleaved,
     peft_model,
+    write_results,
 )
 
 #: methods measured by default, with the issue's goal (train-step ratio to the frozen base, GPU 8 x 512)
@@ -243,13 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"fused-{'gpu' if gpu else 'cpu'}-{args.size}")
-    table = markdown(results)
-    with open(stem + ".json", "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=2)
-    with open(stem + ".md", "w", encoding="utf-8") as fh:
-        fh.write(table)
-    print()
-    print(table)
+    write_results(stem, results, markdown(results))
 
 
 if __name__ == "__main__":

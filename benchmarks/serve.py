@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import SIZES, _timeit
+from run import SIZES, _timeit, write_results
 
 LORA = "lora[r=8, alpha=16]"  # q and v
 PARTS = ("mixed", "generate", "merged")
@@ -316,12 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(results)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"serve-{'gpu' if gpu else 'cpu'}-{args.size}")
-    with open(stem + ".json", "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=2, default=lambda v: round(v, 4) if isinstance(v, float) else str(v))
-    with open(stem + ".md", "w", encoding="utf-8") as fh:
-        fh.write(table)
-    print()
-    print(table)
+    write_results(stem, results, table)
 
 
 if __name__ == "__main__":
