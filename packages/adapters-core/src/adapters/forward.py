@@ -189,10 +189,8 @@ def _build_context(state: Any, table: Any, args: tuple, kwargs: dict, task_ids: 
         if entry is not None and entry.generation:
             ids = _expand_rows(ids, batch)
         if batch is not None and ids.numel() != batch:
-            what = (f"a name of {list(table.task_names)} or its index" if label == "task_ids" else
-                    f"an adapter name or '{BASE_ROW}'")
             raise ValueError(f"{label} has {ids.numel()} entries for a batch of {batch} rows: pass one per row "
-                             f"({what}).")
+                             f"({_row_entry(label, table.task_names)}).")
         device = next((t.device for t in (ctx.input_ids, ctx.attention_mask) if isinstance(t, torch.Tensor)), None)
         if device is None:
             device = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
@@ -266,7 +264,7 @@ def generate_with_setup(model: nn.Module, original: Any, args: tuple, kwargs: di
         task_ids = entry.task_ids
     table = model._adapters_state.table(setup)
     if task_ids is not None and table.task_names is not None:
-        _check_prompt_rows("task_ids", task_ids, _batch_size(named))
+        _check_prompt_rows("task_ids", task_ids, _batch_size(named), table.task_names)
     scope = AdapterSetup(setup, model=model, task_ids=task_ids)
     scope.generation = True
     if table.parallel > 1:
@@ -279,16 +277,23 @@ def generate_with_setup(model: nn.Module, original: Any, args: tuple, kwargs: di
         return original(model, *args, **kwargs)
 
 
-def _check_prompt_rows(label: str, rows: Any, batch: int | None) -> None:
+def _check_prompt_rows(label: str, rows: Any, batch: int | None, task_names: Any = None) -> None:
     """One entry per prompt row: ``generate()`` repeats each row's entry for the rows it expands (``num_beams``,
     ``num_return_sequences``), so a shorter list must not be stretched over the prompts.
 
     :raises ValueError: ``rows`` has another length than the prompt batch."""
     count = rows.numel() if isinstance(rows, torch.Tensor) else len(rows) if hasattr(rows, "__len__") else None
     if batch is not None and count is not None and count != batch:
-        what = f"an adapter name or '{BASE_ROW}'" if label == "adapter_names" else "a task name or index"
-        raise ValueError(f"{label} has {count} entries for {batch} prompts: pass one per prompt row ({what}); "
-                         "generate() repeats it for num_beams and num_return_sequences itself.")
+        raise ValueError(f"{label} has {count} entries for {batch} prompts: pass one per prompt row "
+                         f"({_row_entry(label, task_names)}); generate() repeats it for num_beams and "
+                         "num_return_sequences itself.")
+
+
+def _row_entry(label: str, task_names: Any) -> str:
+    """What one entry of ``adapter_names`` / ``task_ids`` names, for error messages."""
+    if label == "adapter_names":
+        return f"an adapter name or '{BASE_ROW}'"
+    return f"a name of {list(task_names)} or its index" if task_names else "a task name or index"
 
 
 def rows_table(state: Any, adapter_names: Any) -> tuple[PlanTable, torch.Tensor | None]:

@@ -31,9 +31,6 @@ __all__ = ["MAX_ROWS", "lora_decode", "launch_decode", "LAUNCHES"]
 #: rows (batch × new tokens) up to which the one-launch kernel is used; more rows make the GPU, not the host,
 #: the bound, and cuBLAS's GEMM is the faster one there
 MAX_ROWS = 64
-_MAX_RANK = 128
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 #: decode kernel launches since import (tests, benchmarks)
 LAUNCHES = [0]
 
@@ -80,12 +77,12 @@ def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if not fused_selected(x) or torch.is_grad_enabled() or x.shape[0] > MAX_ROWS or x.dim() != 2:
         return None
     dtype = x.dtype
-    if (dtype not in _DTYPES or weight.dtype != dtype or lora_a.dtype != dtype or lora_b.dtype != dtype
-            or lora_a.shape[0] > _MAX_RANK or (bias is not None and bias.dtype != dtype)
+    if (dtype not in fused._DTYPES or weight.dtype != dtype or lora_a.dtype != dtype or lora_b.dtype != dtype
+            or lora_a.shape[0] > fused._MAX_RANK or (bias is not None and bias.dtype != dtype)
             or weight.numel() >= fused._INT32):
         return None
-    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or type(x) not in _PLAIN
-            or not all(type(t) in _PLAIN for t in (weight, lora_a, lora_b))
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or type(x) not in fused._PLAIN
+            or not all(type(t) in fused._PLAIN for t in (weight, lora_a, lora_b))
             or not (x.is_contiguous() and weight.is_contiguous() and lora_a.is_contiguous()
                     and lora_b.is_contiguous()) or not _decode_ok(x)):
         return None
