@@ -10,7 +10,9 @@ about one layer's time; ``--compile-scope model`` compiles the whole model inste
 
 Before timing, each method's step is checked: the loss and every adapter gradient with the path on against
 off (``max rel err``: the largest difference relative to the largest value, per tensor, and which tensor;
-``plain vs plain``: the same between two runs of the plain path, the device's own nondeterminism), and the Triton
+``plain vs plain``: the same between two runs of the plain path, the device's own nondeterminism; ``vs float32``:
+each path's largest difference from a float32 copy of the model on the plain path, which tells rounding (both
+about equally far) from a fault (on much farther)), and the Triton
 launches one step makes (``kernels/step``: 0 where the path covers nothing: LoReFT, and par_bn's 512-wide
 bottleneck at 0.6B).
 
@@ -108,7 +110,21 @@ def check(model: torch.nn.Module, embeds: torch.Tensor, on: str) -> dict[str, An
     got = _step_values(model, embeds, probe)
     launches = _launches() - before
     err, worst = _worst(got, want)
-    return {"max_rel_err": err, "worst": worst, "noise": noise, "kernels_per_step": launches}
+    ref = _float32_values(model, embeds, probe)
+    return {"max_rel_err": err, "worst": worst, "noise": noise, "kernels_per_step": launches,
+            "err_vs_fp32": {"on": _worst(got, ref)[0], "off": _worst(want, ref)[0]}}
+
+
+def _float32_values(model: torch.nn.Module, embeds: torch.Tensor, probe: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The step's values from a float32 copy of ``model`` on the plain path: the reference both bf16 paths are
+    measured against (on and off about equally far from it = rounding; on much farther = a fault)."""
+    _set_mode("0")
+    if embeds.dtype == torch.float32:
+        return _step_values(model, embeds, probe)
+    wide = copy.deepcopy(model).float()
+    values = _step_values(wide, embeds.float(), probe)
+    del wide
+    return values
 
 
 def compiled_copy(model: torch.nn.Module, mode: str | None, scope: str) -> torch.nn.Module:
@@ -185,6 +201,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _vs_fp32(row: dict[str, Any]) -> str:
+    ref = row.get("err_vs_fp32")
+    return "–" if ref is None else f"{ref['on']:.1e} / {ref['off']:.1e}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     b, t = results["train_shape"]
     base_ms = [r["eager_base_ms"] for r in results["methods"].values() if "eager_base_ms" in r]
@@ -197,7 +218,7 @@ def markdown(results: dict[str, Any]) -> str:
     header = "| method | goal | " + " | ".join(f"{c}" for c in cols)
     if results["compile"]:
         header += " | " + " | ".join(f"compiled {c}" for c in cols)
-    header += " | kernels/step | max rel err (on vs off) | plain vs plain |"
+    header += " | kernels/step | max rel err (on vs off) | plain vs plain | vs float32: on / off |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
 
     def cell(value: float | None) -> str:
@@ -211,7 +232,8 @@ def markdown(results: dict[str, Any]) -> str:
         err, noise = row.get("max_rel_err"), row.get("noise")
         lines.append(f"| {name} | {goal} | " + " | ".join(cells)
                      + f" | {row.get('kernels_per_step', '–')} | {'–' if err is None else f'{err:.1e}'}"
-                     + (f" ({row['worst']})" if err else "") + f" | {'–' if noise is None else f'{noise:.1e}'} |")
+                     + (f" ({row['worst']})" if err else "") + f" | {'–' if noise is None else f'{noise:.1e}'}"
+                     + f" | {_vs_fp32(row)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -156,6 +156,34 @@ def kernels_per_step(fn: Callable[[], None], device: str, steps: int) -> tuple[C
     return counts, times, sum(times.values()) / 1e3 / steps
 
 
+def _merged(base: nn.Module) -> nn.Module:
+    model = ours(base, 1)
+    model.merge_adapter("a0")
+    return model
+
+
+#: the models measured against ``base``, each built from it
+VARIANTS: dict[str, Callable[[nn.Module], nn.Module | None]] = {
+    "base_copy": copy.deepcopy, "ours": lambda base: ours(base, 1), "merged": _merged,
+    "floor_linear": lambda base: floor(base, 0), "floor_lora": lambda base: floor(base, 8),
+    "peft": lambda base: theirs(base, 1),
+    "ours_fused": lambda base: ours(base, 1),  # run with ADAPTERS_FUSED=auto: the one-launch decode kernel
+}
+
+
+def _static_kwargs(device: str) -> dict[str, object]:
+    """``generate()`` arguments for a static cache; transformers compiles the decode step itself on CUDA
+    (``CompileConfig()``: ``mode="reduce-overhead"``); elsewhere it is told to compile with the ``eager``
+    backend (a smoke run of the same code path)."""
+    if device.startswith("cuda"):
+        return {"cache_implementation": "static"}
+    from transformers.generation import CompileConfig
+
+    config = CompileConfig(backend="eager")
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -165,26 +193,44 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-peft", dest="peft", action="store_false")
+    parser.add_argument("--static", action="store_true",
+                        help="generate with a static cache: transformers compiles each model's decode step "
+                             "(torch.compile, CUDA graphs) on CUDA; on CPU a smoke run (compile backend 'eager')")
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                        help="models measured besides base (default: all; with --static: base_copy ours merged peft)")
+    parser.add_argument("--no-ops", dest="ops", action="store_false", help="skip the per-op host costs")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the kernel profile")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    op_costs(args.device, dtype, args.batch)
+    if args.ops:
+        op_costs(args.device, dtype, args.batch)
 
     base = build_lm(args.size, dtype, args.device)
-    merged = ours(base, 1)
-    merged.merge_adapter("a0")
-    models = {"base": base, "base_copy": copy.deepcopy(base), "ours": ours(base, 1), "merged": merged,
-              "floor_linear": floor(base, 0),
-              "floor_lora": floor(base, 8)}
-    if args.peft:
-        peft_model = theirs(base, 1)
-        if peft_model is not None:
-            models["peft"] = peft_model
+    variants = args.variants or (["base_copy", "ours", "ours_fused", "merged", "peft"] if args.static
+                                 else list(VARIANTS))
+    if triton is None or not args.device.startswith("cuda"):
+        variants = [v for v in variants if v != "ours_fused"]
+    models = {"base": base}
+    for key in variants:
+        if key == "peft" and not args.peft:
+            continue
+        model = VARIANTS[key](base)
+        if model is not None:  # None: peft not installed
+            models[key] = model
     ids = torch.randint(4, base.config.vocab_size, (args.batch, args.prompt), device=args.device)
-    fns = {k: generate(m, ids, args.new_tokens) for k, m in models.items()}
-    if triton is not None and args.device.startswith("cuda"):  # our LoRA with the one-launch decode kernel
-        fns["ours_fused"] = _in_fused_mode(fns["ours"])
+    kwargs = _static_kwargs(args.device) if args.static else {}
+    fns = {k: generate(m, ids, args.new_tokens, **kwargs) for k, m in models.items()}
+    if "ours_fused" in fns:
+        fns["ours_fused"] = _in_fused_mode(fns["ours_fused"])
+    start = time.perf_counter()
     for fn in fns.values():
         fn()
+        if args.static:  # CUDA graphs are recorded on a later call than the compiling one
+            fn()
+    print(f"(first calls, compiling where --static: {time.perf_counter() - start:.0f} s)", flush=True)
+    if args.static:  # transformers keeps the compiled decode step on the model it compiled
+        print("  decode step compiled: " + ", ".join(
+            f"{k} {any(hasattr(sub, '_compiled_call') for sub in m.modules())}" for k, m in models.items()))
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for index in range(args.repeats):
         for key in (list(fns) if index % 2 == 0 else list(fns)[::-1]):
@@ -200,7 +246,7 @@ def main() -> None:
         print(f"  {key:14s} {1e3 * v / args.new_tokens:7.2f} ms   {v / t['base']:.3f}x")
 
     base_counts: Counter | None = None
-    for key in fns:
+    for key in (fns if args.profile else ()):
         counts, times, device_ms = kernels_per_step(fns[key], args.device, args.new_tokens)
         print(f"== {key}: {sum(counts.values()) / args.new_tokens:.0f} kernels per new token, device "
               f"{device_ms:.2f} ms per new token (wall {1e3 * t[key] / args.new_tokens:.2f} ms)")

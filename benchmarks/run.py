@@ -68,7 +68,9 @@ def build_base(size: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(0)
-    config = Qwen3Config(**SIZES[size], max_position_embeddings=4096)
+    # no key/value cache: training steps never read one (in eval mode the model would build one per call, and
+    # per-layer cache state makes each compiled layer a new graph under regional torch.compile)
+    config = Qwen3Config(**SIZES[size], max_position_embeddings=4096, use_cache=False)
     model = Qwen3Model(config).to(device=device, dtype=dtype)
     model.eval()
     for p in model.parameters():

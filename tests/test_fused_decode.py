@@ -137,3 +137,37 @@ def test_one_launch_replaces_three_operations(launch_counter) -> None:
     calls = launch_counter(fused_decode)
     assert count_step_ops(model, embeds, False) - base_infer == -sites
     assert calls[0] == sites
+
+
+def test_generate_under_torch_compile_uses_the_kernel_op() -> None:
+    """A static cache makes transformers compile the decode step; inside that graph the kernel is the custom
+    op ``adapters_lora::lora_decode`` (no graph break: ``fullgraph=True``), launched once per site and step,
+    with the same tokens as the eager plain path."""
+    from transformers.generation import CompileConfig
+
+    from adapters.plugin import set_fused_mode
+
+    model = _tiny_lm()
+    ids = torch.randint(4, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
+    config = CompileConfig(fullgraph=True, backend="eager")  # dynamo's graph, run by torch (no inductor on CPU)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+
+    def tokens(**kwargs) -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                  cache_implementation="static", **kwargs)
+
+    torch._dynamo.reset()
+    before = fused_decode.LAUNCHES[0]
+    compiled = tokens(compile_config=config)
+    launches = fused_decode.LAUNCHES[0] - before
+    assert model._compiled_call is not None
+    previous = set_fused_mode("0")
+    try:
+        plain = tokens()
+    finally:
+        set_fused_mode(previous)
+        torch._dynamo.reset()
+    sites = 2 * model.config.num_hidden_layers
+    assert launches == sites * 4  # the prompt (eager, 10 rows) and 3 compiled decode steps (2 rows)
+    assert torch.equal(compiled, plain)

@@ -112,7 +112,7 @@ def test_lora_declines_what_it_does_not_cover() -> None:
     assert fused.lora_linear(x, weight, bias, lora_a, lora_b, 1.0) is None
     fused.set_fused_mode("auto")  # auto: CUDA tensors only
     assert fused.lora_linear(x, weight, bias, lora_a, lora_b, 1.0) is None
-    with pytest.raises(ValueError, match="Unknown fused-kernel mode 'sometimes'; use 0 / off"):
+    with pytest.raises(ValueError, match=r"Unknown fused-kernel mode 'sometimes'; use compiled \(the default"):
         fused.set_fused_mode("sometimes")
     assert fused.fused_mode() == "auto"  # unchanged
 
@@ -222,8 +222,45 @@ def test_unknown_environment_value_warns_and_leaves_everything_working() -> None
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "0"
-    assert "ADAPTERS_FUSED='maybe' is not a fused-kernel mode (0 / off" in out.stderr
+    assert "ADAPTERS_FUSED='maybe' is not a fused-kernel mode (compiled (the default" in out.stderr
     assert "the fused kernels stay off" in out.stderr
+
+
+def test_default_mode_selects_only_kernels_that_pay_inside_compiled_graphs(monkeypatch) -> None:
+    """``compiled`` (the default, read when ``ADAPTERS_FUSED`` is unset): a kernel is selected only inside a
+    ``torch.compile`` graph, only for CUDA tensors, and only where its package marks it as faster there
+    (bottleneck: yes; LoRA training, DoRA, decode: no); ``auto`` selects every kernel, eager too."""
+    import types
+
+    from adapters import fused_switch
+    from adapters.plugin import fused_selected, set_fused_mode
+    from adapters_lora import fused_decode, fused_dora
+
+    code = "import adapters_lora.fused as f; print(f.fused_mode())"
+    env = {k: v for k, v in os.environ.items() if k != "ADAPTERS_FUSED"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "compiled"
+
+    monkeypatch.setattr(fused_switch, "_HAS_TRITON", True)
+    cuda, cpu = types.SimpleNamespace(is_cuda=True), types.SimpleNamespace(is_cuda=False)
+    previous = set_fused_mode("compiled")
+    try:
+        for compiling in (False, True):
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+            assert fused_selected(cuda, compiled_default=True) is compiling
+            assert not fused_selected(cuda, compiled_default=False)
+            assert not fused_selected(cpu, compiled_default=True)
+            assert bn_fused.selected(cuda) is compiling
+            assert not fused.selected(cuda)
+        assert not (fused.COMPILED_DEFAULT or fused_dora.COMPILED_DEFAULT or fused_decode.COMPILED_DEFAULT)
+        set_fused_mode("auto")
+        for compiling in (False, True):
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+            assert fused_selected(cuda) and bn_fused.selected(cuda) and fused.selected(cuda)
+            assert not fused_selected(cpu)
+    finally:
+        set_fused_mode(previous)
 
 
 # ------------------------------------------------------------------------------------------ bottleneck

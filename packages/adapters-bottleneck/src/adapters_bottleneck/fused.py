@@ -45,9 +45,14 @@ _KERNELS: Any = None
 _INTERPRETED = False
 
 
+#: whether the default mode (``"compiled"``) uses the bottleneck kernels inside ``torch.compile`` graphs: yes,
+#: they measured faster there than inductor's code for the plain path (README, "Fused training kernels")
+COMPILED_DEFAULT = True
+
+
 def selected(t: torch.Tensor) -> bool:
-    """Whether the mode selects the fused path for tensors like ``t`` (device and Triton only)."""
-    return fused_selected(t)
+    """Whether the mode selects the fused path for tensors like ``t`` (device, Triton, compiled or eager)."""
+    return fused_selected(t, compiled_default=COMPILED_DEFAULT)
 
 
 # ------------------------------------------------------------------------------------------ launchers

@@ -1,11 +1,21 @@
 """The switch of the optional fused kernels that method packages ship (``adapters_lora.fused``,
 ``adapters_bottleneck.fused``): one mode for all of them, read from ``ADAPTERS_FUSED`` at import.
 
-Modes: ``"0"`` (default; ``off``, ``false``, ``no``): never; ``"auto"`` (``1``, ``on``, ``true``, ``yes``):
-for CUDA tensors when Triton is installed; ``"force"``: for any device (CPU tensors need Triton's
-interpreter, ``TRITON_INTERPRET=1``: the tests). An unknown ``ADAPTERS_FUSED`` value warns at import and
-means off; :func:`set_fused_mode` refuses one. Off by default because on an H200 the fused training
-step was slower than the plain one (README, "Fused training kernels"). Nothing here imports Triton.
+Modes:
+
+* ``"compiled"`` (default): inside ``torch.compile`` graphs only, for CUDA tensors when Triton is installed,
+  and only the kernels their package marks as measured faster there than inductor's code for the plain
+  path (``fused_selected(t, compiled_default=True)``). Eagerly nothing: a decode or training step of an eager
+  model is bound by the host enqueueing kernels, and a Triton launch from Python costs more host time than
+  the ATen launches it replaces (README, "Fused training kernels").
+* ``"auto"`` (``1``, ``on``, ``true``, ``yes``): every kernel, eager and compiled, for CUDA tensors when Triton
+  is installed.
+* ``"0"`` (``off``, ``false``, ``no``): never.
+* ``"force"``: every kernel for any device (CPU tensors need Triton's interpreter, ``TRITON_INTERPRET=1``:
+  the tests).
+
+An unknown ``ADAPTERS_FUSED`` value warns at import and means off; :func:`set_fused_mode` refuses one.
+Nothing here imports Triton.
 """
 
 from __future__ import annotations
@@ -37,18 +47,21 @@ _CHECKS: dict[tuple[str, str, int | None, torch.dtype], bool] = {}
 
 
 def fused_mode() -> str:
-    """The current mode: ``"auto"``, ``"0"`` or ``"force"``."""
+    """The current mode: ``"compiled"``, ``"auto"``, ``"0"`` or ``"force"``."""
     return _MODE
 
 
 _OFF = ("0", "off", "false", "no", "")
 _ON = ("1", "on", "true", "yes", "auto")
-_ACCEPTED = "0 / off / false / no (never), 1 / on / true / yes / auto (CUDA with Triton) or force (any device)"
+_ACCEPTED = ("compiled (the default: inside torch.compile, the kernels that pay there), 0 / off / false / no "
+             "(never), 1 / on / true / yes / auto (CUDA with Triton) or force (any device)")
 
 
 def _parse(mode: str) -> str | None:
     mode = str(mode).strip().lower()
-    return "0" if mode in _OFF else "auto" if mode in _ON else "force" if mode == "force" else None
+    if mode in ("compiled", "force"):
+        return mode
+    return "0" if mode in _OFF else "auto" if mode in _ON else None
 
 
 def set_fused_mode(mode: str) -> str:
@@ -66,7 +79,7 @@ def set_fused_mode(mode: str) -> str:
 def _mode_from_environment() -> str:
     """``ADAPTERS_FUSED`` at import: an unknown value warns and means off (an environment variable must never
     stop ``import adapters`` or a plugin from loading)."""
-    value = os.environ.get("ADAPTERS_FUSED", "0")
+    value = os.environ.get("ADAPTERS_FUSED", "compiled")
     parsed = _parse(value)
     if parsed is None:
         warnings.warn(f"ADAPTERS_FUSED={value!r} is not a fused-kernel mode ({_ACCEPTED}); the fused kernels stay "
@@ -78,10 +91,15 @@ def _mode_from_environment() -> str:
 _MODE = _mode_from_environment()
 
 
-def fused_selected(t: torch.Tensor) -> bool:
-    """Whether the mode selects fused kernels for tensors like ``t`` (device, and Triton installed)."""
+def fused_selected(t: torch.Tensor, compiled_default: bool = False) -> bool:
+    """Whether the mode selects a fused kernel for tensors like ``t`` (device, and Triton installed).
+
+    ``compiled_default``: the kernel measured faster inside ``torch.compile`` graphs than inductor's code for
+    the plain path, so the default mode (``"compiled"``) selects it there."""
     global _HAS_TRITON
     if _MODE == "0" or not (t.is_cuda or _MODE == "force"):
+        return False
+    if _MODE == "compiled" and not (compiled_default and torch.compiler.is_compiling()):
         return False
     if _HAS_TRITON is None:
         _HAS_TRITON = importlib.util.find_spec("triton") is not None

@@ -58,9 +58,14 @@ _KERNEL: Any = None
 _INTERPRETED = False
 
 
+#: whether the default mode (``"compiled"``) uses the LoRA training kernels inside ``torch.compile`` graphs:
+#: no, inductor's code for the plain path measured faster there (README, "Fused training kernels")
+COMPILED_DEFAULT = False
+
+
 def selected(x: torch.Tensor) -> bool:
-    """Whether the mode selects the fused path for tensors like ``x`` (device and Triton only)."""
-    return fused_selected(x)
+    """Whether the mode selects the fused path for tensors like ``x`` (device, Triton, compiled or eager)."""
+    return fused_selected(x, compiled_default=COMPILED_DEFAULT)
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -228,9 +233,10 @@ _op_fwd.register_autograd(_op_backward, setup_context=_op_setup)
 
 # ------------------------------------------------------------------------------------------ entry point
 def covers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-           lora_b: torch.Tensor) -> bool:
-    """Whether the fused path is selected for and covers this call (see :func:`lora_linear`)."""
-    if not selected(x) or not torch.is_grad_enabled():
+           lora_b: torch.Tensor, compiled_default: bool = COMPILED_DEFAULT) -> bool:
+    """Whether the fused path is selected for and covers this call (see :func:`lora_linear`);
+    ``compiled_default``: the caller's kernels' :data:`COMPILED_DEFAULT` (DoRA has its own)."""
+    if not fused_selected(x, compiled_default=compiled_default) or not torch.is_grad_enabled():
         return False
     if not (lora_a.requires_grad or lora_b.requires_grad) or weight.requires_grad:
         return False

@@ -31,6 +31,9 @@ __all__ = ["MAX_ROWS", "lora_decode", "launch_decode", "LAUNCHES"]
 #: rows (batch × new tokens) up to which the one-launch kernel is used; more rows make the GPU, not the host,
 #: the bound, and cuBLAS's GEMM is the faster one there
 MAX_ROWS = 64
+#: whether the default mode (``"compiled"``) uses the kernel inside ``torch.compile`` graphs: it measured
+#: faster there than inductor's code for the plain path (README, "Serving")
+COMPILED_DEFAULT = False
 #: decode kernel launches since import (tests, benchmarks)
 LAUNCHES = [0]
 
@@ -69,23 +72,50 @@ def _decode_pairs(device: torch.device, dtype: torch.dtype, rand: Callable[..., 
     return pairs
 
 
+def _decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+            lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The kernel's result, or the plain path's operations where its first-use check failed."""
+    if not _decode_ok(x):
+        y = x.mm(weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+        return y.addmm_(x.mm(lora_a.t()), lora_b.t(), alpha=scaling)
+    out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
+    launch_decode(x, weight, bias, lora_a, lora_b, scaling, out)
+    return out
+
+
+@torch.library.custom_op("adapters_lora::lora_decode", mutates_args=())
+def _op_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+               lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    return _decode(x, weight, bias, lora_a, lora_b, scaling)
+
+
+@_op_decode.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+      lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float) -> torch.Tensor | None:
     """``x Wᵀ + b + s·(x Aᵀ) Bᵀ`` for 2-D ``x`` (M × K, M ≤ :data:`MAX_ROWS`) in one kernel launch, without
     gradients, or ``None`` where the kernel does not apply (see the module docstring): the caller's plain
-    path computes the same to rounding (float32 exactly; half precision rounded at the same points)."""
-    if not fused_selected(x) or torch.is_grad_enabled() or x.shape[0] > MAX_ROWS or x.dim() != 2:
+    path computes the same to rounding (float32 exactly; half precision rounded at the same points).
+    Under ``torch.compile`` the kernel is the custom op ``adapters_lora::lora_decode`` (one graph node)."""
+    if (not fused_selected(x, compiled_default=COMPILED_DEFAULT) or torch.is_grad_enabled()
+            or x.shape[0] > MAX_ROWS or x.dim() != 2):
         return None
     dtype = x.dtype
     if (dtype not in fused._DTYPES or weight.dtype != dtype or lora_a.dtype != dtype or lora_b.dtype != dtype
             or lora_a.shape[0] > fused._MAX_RANK or (bias is not None and bias.dtype != dtype)
             or weight.numel() >= fused._INT32):
         return None
-    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or type(x) not in fused._PLAIN
+    if (torch._C._are_functorch_transforms_active() or type(x) not in fused._PLAIN
             or not all(type(t) in fused._PLAIN for t in (weight, lora_a, lora_b))
             or not (x.is_contiguous() and weight.is_contiguous() and lora_a.is_contiguous()
-                    and lora_b.is_contiguous()) or not _decode_ok(x)):
+                    and lora_b.is_contiguous())):
         return None
-    out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=dtype)
-    launch_decode(x, weight, bias, lora_a, lora_b, scaling, out)
-    return out
+    if torch.compiler.is_compiling():
+        return torch.ops.adapters_lora.lora_decode(x, weight, bias, lora_a, lora_b, scaling)
+    if not _decode_ok(x):
+        return None
+    return _decode(x, weight, bias, lora_a, lora_b, scaling)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from adapters.plugin import kernels_pass
+from adapters.plugin import fused_selected, kernels_pass
 
 from . import fused
 
@@ -32,7 +32,11 @@ if TYPE_CHECKING:
     from .deltas import DoRADelta
     from .layer import LoRALinear
 
-__all__ = ["dora_layer", "dora_linear", "forward_impl", "backward_impl"]
+__all__ = ["dora_layer", "dora_linear", "forward_impl", "backward_impl", "COMPILED_DEFAULT"]
+
+#: whether the default mode (``"compiled"``) uses the DoRA kernels inside ``torch.compile`` graphs (README,
+#: "Fused training kernels")
+COMPILED_DEFAULT = False
 
 
 def launch_dora_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor,
@@ -202,7 +206,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float) -> torch.Tensor | None:
     """DoRA's output for 2-D ``x`` (M × K) on the fused path, or ``None`` where it does not apply (the
     conditions of :func:`.fused.lora_linear`, with the magnitude ``m`` (N) in the same dtype)."""
-    if (not fused.covers(x, weight, bias, lora_a, lora_b) or magnitude.dtype != x.dtype
+    if (not fused.covers(x, weight, bias, lora_a, lora_b, COMPILED_DEFAULT) or magnitude.dtype != x.dtype
             or magnitude.shape != (weight.shape[0],)):
         return None
     if torch.compiler.is_compiling():
@@ -216,7 +220,7 @@ def dora_layer(layer: LoRALinear, module: DoRADelta, x: torch.Tensor) -> torch.T
     """``module.forward(x, layer.base_forward(x), layer)`` on the fused path for a lone DoRA adapter on a
     whole float ``nn.Linear``, or ``None`` (dropout while training, a gate, a fused-projection part, a
     quantized or Conv1D base, autocast: the plain path)."""
-    if not fused.selected(x) or not torch.is_grad_enabled():
+    if not fused_selected(x, compiled_default=COMPILED_DEFAULT) or not torch.is_grad_enabled():
         return None
     if (module.row_index is not None or module.gate is not None or (module.dropout is not None and module.training)
             or layer.is_conv1d or layer.quantization is not None or torch.is_autocast_enabled(x.device.type)):
