@@ -82,7 +82,7 @@ class LoRALinear(AdapterLinear):
     def _straight_line(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                        scaling: float) -> torch.Tensor:
         """``y = Wx + b + s·B(Ax)`` on 2-D views: the base GEMM (bias in its epilogue), the rank-r GEMM
-        and one fused ``addmm`` (in place without autograd); with ``ADAPTERS_FUSED`` on CUDA, Triton kernels
+        and one fused ``addmm`` (in place without autograd, eagerly); with ``ADAPTERS_FUSED`` on CUDA, Triton kernels
         for training (:mod:`.fused`) and for inference at few rows (:mod:`.fused_decode`). Flat views keep
         autograd's graph small (no per-linear view nodes); a frozen W's transpose records nothing."""
         weight, bias = param(self, "weight"), param(self, "bias")
@@ -95,7 +95,8 @@ class LoRALinear(AdapterLinear):
             return y2.view(*x.shape[:-1], self.out_features)
         y2 = x2.mm(weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
         h2 = x2.mm(lora_a.t())
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # compiled: out of place (inductor would copy the in-place result back: one more kernel a site)
             y2 = torch.addmm(y2, h2, lora_b.t(), alpha=scaling)
         else:
             y2.addmm_(h2, lora_b.t(), alpha=scaling)
