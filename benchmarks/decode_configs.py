@@ -24,6 +24,7 @@ import torch.nn.functional as F
 def sweep(kernel: Any, m: int, n: int, k: int = 1024, r: int = 8) -> None:
     """Time every configuration at ``m`` rows, ``k`` -> ``n`` features, rank ``r``; print the best five."""
     import triton.testing
+    from triton.errors import TritonError
 
     dtype = torch.bfloat16
     x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -47,7 +48,7 @@ def sweep(kernel: Any, m: int, n: int, k: int = 1024, r: int = 8) -> None:
                                 num_stages=stages)
         try:
             run()
-        except RuntimeError as exc:  # a configuration that does not fit (shared memory, registers)
+        except (RuntimeError, TritonError) as exc:  # a configuration that does not fit (shared memory, registers)
             print(f"  {config}: {type(exc).__name__}")
             continue
         err = float((y.float() - want).abs().max() / want.abs().max())
