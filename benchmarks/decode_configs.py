@@ -24,7 +24,8 @@ import torch.nn.functional as F
 def sweep(kernel: Any, m: int, n: int, k: int = 1024, r: int = 8) -> None:
     """Time every configuration at ``m`` rows, ``k`` -> ``n`` features, rank ``r``; print the best five."""
     import triton.testing
-    from triton.errors import TritonError
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
 
     dtype = torch.bfloat16
     x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -48,7 +49,7 @@ def sweep(kernel: Any, m: int, n: int, k: int = 1024, r: int = 8) -> None:
                                 num_stages=stages)
         try:
             run()
-        except (RuntimeError, TritonError) as exc:  # a configuration that does not fit (shared memory, registers)
+        except (RuntimeError, CompilationError, OutOfResources) as exc:  # does not fit (shared memory, registers)
             print(f"  {config}: {type(exc).__name__}")
             continue
         err = float((y.float() - want).abs().max() / want.abs().max())
