@@ -125,12 +125,13 @@ def _triton_cases(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, y: torch.Te
             "triton LoRA: y += s(xA)B": lambda: fused.launch_low_rank(x, a.t(), b.t(), y, h, 2.0)}
 
 
-def _in_fused_mode(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` with ``ADAPTERS_FUSED=auto`` (LoRA's decode kernel, ``adapters_lora.fused_decode``) while it runs."""
+def _in_fused_mode(fn: Callable[[], None], mode: str) -> Callable[[], None]:
+    """``fn`` with ``ADAPTERS_FUSED=mode`` while it runs (``auto``: LoRA's decode kernel eagerly too, ``0``: never;
+    the default ``compiled`` uses it inside the compiled decode step of ``--static``)."""
     from adapters.plugin import set_fused_mode
 
     def run() -> None:
-        previous = set_fused_mode("auto")
+        previous = set_fused_mode(mode)
         try:
             fn()
         finally:
@@ -168,6 +169,7 @@ VARIANTS: dict[str, Callable[[nn.Module], nn.Module | None]] = {
     "floor_linear": lambda base: floor(base, 0), "floor_lora": lambda base: floor(base, 8),
     "peft": lambda base: theirs(base, 1),
     "ours_fused": lambda base: ours(base, 1),  # run with ADAPTERS_FUSED=auto: the one-launch decode kernel
+    "ours_plain": lambda base: ours(base, 1),  # run with ADAPTERS_FUSED=0: no kernel, compiled or not
 }
 
 
@@ -206,10 +208,10 @@ def main() -> None:
         op_costs(args.device, dtype, args.batch)
 
     base = build_lm(args.size, dtype, args.device)
-    variants = args.variants or (["base_copy", "ours", "ours_fused", "merged", "peft"] if args.static
+    variants = args.variants or (["base_copy", "ours", "ours_plain", "merged", "peft"] if args.static
                                  else list(VARIANTS))
     if triton is None or not args.device.startswith("cuda"):
-        variants = [v for v in variants if v != "ours_fused"]
+        variants = [v for v in variants if v not in ("ours_fused", "ours_plain")]
     models = {"base": base}
     for key in variants:
         if key == "peft" and not args.peft:
@@ -221,7 +223,9 @@ def main() -> None:
     kwargs = _static_kwargs(args.device) if args.static else {}
     fns = {k: generate(m, ids, args.new_tokens, **kwargs) for k, m in models.items()}
     if "ours_fused" in fns:
-        fns["ours_fused"] = _in_fused_mode(fns["ours_fused"])
+        fns["ours_fused"] = _in_fused_mode(fns["ours_fused"], "auto")
+    if "ours_plain" in fns:
+        fns["ours_plain"] = _in_fused_mode(fns["ours_plain"], "0")
     start = time.perf_counter()
     for fn in fns.values():
         fn()

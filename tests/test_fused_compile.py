@@ -105,16 +105,21 @@ def _jit_copy(path: str, name: str) -> Any:
     return module
 
 
+#: launch keywords that are compile options, not kernel constants
+_OPTIONS = ("num_warps", "num_stages")
+
+
 def _compile(kernel: Any, kinds: tuple[str, ...], constants: dict[str, Any], arch: int) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    options = {name: constants.pop(name) for name in _OPTIONS if name in constants}
     params = list(inspect.signature(kernel.fn).parameters)
     signature = dict(zip(params, kinds))
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(params.index(name),): value for name, value in constants.items()})
-    triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 @pytest.mark.parametrize("arch", [90, 80])
