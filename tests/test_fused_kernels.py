@@ -112,7 +112,7 @@ def test_lora_declines_what_it_does_not_cover() -> None:
     assert fused.lora_linear(x, weight, bias, lora_a, lora_b, 1.0) is None
     fused.set_fused_mode("auto")  # auto: CUDA tensors only
     assert fused.lora_linear(x, weight, bias, lora_a, lora_b, 1.0) is None
-    with pytest.raises(ValueError, match=r"Unknown fused-kernel mode 'sometimes'; use compiled \(the default"):
+    with pytest.raises(ValueError, match=r"Unknown fused-kernel mode .sometimes.; use 0 / off / false / no \(never"):
         fused.set_fused_mode("sometimes")
     assert fused.fused_mode() == "auto"  # unchanged
 
@@ -222,15 +222,16 @@ def test_unknown_environment_value_warns_and_leaves_everything_working() -> None
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "0"
-    assert "ADAPTERS_FUSED='maybe' is not a fused-kernel mode (compiled (the default" in out.stderr
+    assert "ADAPTERS_FUSED='maybe' is not a fused-kernel mode (0 / off / false / no (never, the default)" in out.stderr
     assert "the fused kernels stay off" in out.stderr
 
 
-def test_default_mode_selects_only_kernels_that_pay_inside_compiled_graphs(monkeypatch) -> None:
-    """``compiled`` (the default, read when ``ADAPTERS_FUSED`` is unset): a kernel is selected only inside a
+def test_compiled_mode_selects_only_kernels_that_pay_inside_compiled_graphs(monkeypatch) -> None:
+    """Off by default (``ADAPTERS_FUSED`` unset). ``compiled``: a kernel is selected only inside a
     ``torch.compile`` graph, only for CUDA tensors, and only where its package marks it as faster there
     (bottleneck training and LoRA decode: yes; LoRA and DoRA training: no); ``auto`` selects every kernel,
-    eager too."""
+    eager too. The selection is traced by dynamo without a graph break and looks up no import machinery."""
+    import importlib.util
     import types
 
     from adapters import fused_switch
@@ -241,7 +242,23 @@ def test_default_mode_selects_only_kernels_that_pay_inside_compiled_graphs(monke
     env = {k: v for k, v in os.environ.items() if k != "ADAPTERS_FUSED"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "compiled"
+    assert out.stdout.strip() == "0"
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("the traced selection looked up a module")
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_lookup)
+    for mode in ("0", "compiled", "auto", "force"):
+        previous = set_fused_mode(mode)
+        try:
+            traced = torch.compile(lambda t: t + 1 if fused_selected(t, compiled_default=True) else t - 1,
+                                   fullgraph=True, backend="eager")
+            want = 1.0 if mode == "force" else -1.0  # CPU tensors: only force selects them
+            assert float(traced(torch.zeros(1))) == want, mode
+        finally:
+            set_fused_mode(previous)
+            torch._dynamo.reset()
+    monkeypatch.undo()
 
     monkeypatch.setattr(fused_switch, "_HAS_TRITON", True)
     cuda, cpu = types.SimpleNamespace(is_cuda=True), types.SimpleNamespace(is_cuda=False)

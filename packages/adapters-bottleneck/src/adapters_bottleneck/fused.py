@@ -45,7 +45,7 @@ _KERNELS: Any = None
 _INTERPRETED = False
 
 
-#: whether the default mode (``"compiled"``) uses the bottleneck kernels inside ``torch.compile`` graphs: yes,
+#: whether mode ``"compiled"`` uses the bottleneck kernels inside ``torch.compile`` graphs: yes,
 #: they measured faster there than inductor's code for the plain path (README, "Fused training kernels")
 COMPILED_DEFAULT = True
 

@@ -3,19 +3,21 @@
 
 Modes:
 
-* ``"compiled"`` (default): inside ``torch.compile`` graphs only, for CUDA tensors when Triton is installed,
-  and only the kernels their package marks as measured faster there than inductor's code for the plain
-  path (``fused_selected(t, compiled_default=True)``). Eagerly nothing: a decode or training step of an eager
-  model is bound by the host enqueueing kernels, and a Triton launch from Python costs more host time than
-  the ATen launches it replaces (README, "Fused training kernels").
+* ``"0"`` (default; ``off``, ``false``, ``no``): never.
+* ``"compiled"``: inside ``torch.compile`` graphs only, for CUDA tensors when Triton is installed, and only the
+  kernels their package marks as measured faster there than inductor's code for the plain path
+  (``fused_selected(t, compiled_default=True)``: bottleneck training, LoRA decode). Eagerly nothing: an eager
+  decode or training step is bound by the host enqueueing kernels, and a Triton launch from Python costs
+  more host time than the ATen launches it replaces (README, "Fused training kernels").
 * ``"auto"`` (``1``, ``on``, ``true``, ``yes``): every kernel, eager and compiled, for CUDA tensors when Triton
   is installed.
-* ``"0"`` (``off``, ``false``, ``no``): never.
 * ``"force"``: every kernel for any device (CPU tensors need Triton's interpreter, ``TRITON_INTERPRET=1``:
   the tests).
 
-An unknown ``ADAPTERS_FUSED`` value warns at import and means off; :func:`set_fused_mode` refuses one.
-Nothing here imports Triton.
+``compiled`` is not the default yet: its one GPU run (before Triton's presence was looked up at import
+instead of inside the traced selection) broke the compiled decode graph, and it has not run on a GPU since
+(README, "Fused training kernels"). An unknown ``ADAPTERS_FUSED`` value warns at import and means off;
+:func:`set_fused_mode` refuses one. Nothing here imports Triton.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ class FusedPathWarning(UserWarning):
     ``ADAPTERS_FUSED`` holds an unknown value (the kernels stay off)."""
 
 
-_HAS_TRITON: bool | None = None
+#: whether Triton is installed, looked up once at import (without importing it): the selection below is traced by
+#: ``torch.compile``, and an import-machinery call there breaks the graph (seen with torch 2.11 on an H200)
+_HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
 _PROGRAMS: dict[int | None, int] = {}
 #: first-use check results by (kernels, device type, device index, dtype)
 _CHECKS: dict[tuple[str, str, int | None, torch.dtype], bool] = {}
@@ -53,8 +57,8 @@ def fused_mode() -> str:
 
 _OFF = ("0", "off", "false", "no", "")
 _ON = ("1", "on", "true", "yes", "auto")
-_ACCEPTED = ("compiled (the default: inside torch.compile, the kernels that pay there), 0 / off / false / no "
-             "(never), 1 / on / true / yes / auto (CUDA with Triton) or force (any device)")
+_ACCEPTED = ("0 / off / false / no (never, the default), compiled (inside torch.compile: the kernels that pay "
+             "there), 1 / on / true / yes / auto (CUDA with Triton) or force (any device)")
 
 
 def _parse(mode: str) -> str | None:
@@ -79,7 +83,7 @@ def set_fused_mode(mode: str) -> str:
 def _mode_from_environment() -> str:
     """``ADAPTERS_FUSED`` at import: an unknown value warns and means off (an environment variable must never
     stop ``import adapters`` or a plugin from loading)."""
-    value = os.environ.get("ADAPTERS_FUSED", "compiled")
+    value = os.environ.get("ADAPTERS_FUSED", "0")
     parsed = _parse(value)
     if parsed is None:
         warnings.warn(f"ADAPTERS_FUSED={value!r} is not a fused-kernel mode ({_ACCEPTED}); the fused kernels stay "
@@ -95,14 +99,11 @@ def fused_selected(t: torch.Tensor, compiled_default: bool = False) -> bool:
     """Whether the mode selects a fused kernel for tensors like ``t`` (device, and Triton installed).
 
     ``compiled_default``: the kernel measured faster inside ``torch.compile`` graphs than inductor's code for
-    the plain path, so the default mode (``"compiled"``) selects it there."""
-    global _HAS_TRITON
+    the plain path, so mode ``"compiled"`` selects it there."""
     if _MODE == "0" or not (t.is_cuda or _MODE == "force"):
         return False
     if _MODE == "compiled" and not (compiled_default and torch.compiler.is_compiling()):
         return False
-    if _HAS_TRITON is None:
-        _HAS_TRITON = importlib.util.find_spec("triton") is not None
     return _HAS_TRITON
 
 

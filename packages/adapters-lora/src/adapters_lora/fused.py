@@ -58,7 +58,7 @@ _KERNEL: Any = None
 _INTERPRETED = False
 
 
-#: whether the default mode (``"compiled"``) uses the LoRA training kernels inside ``torch.compile`` graphs:
+#: whether mode ``"compiled"`` uses the LoRA training kernels inside ``torch.compile`` graphs:
 #: no, inductor's code for the plain path measured faster there (README, "Fused training kernels")
 COMPILED_DEFAULT = False
 

@@ -31,7 +31,7 @@ __all__ = ["MAX_ROWS", "lora_decode", "launch_decode", "LAUNCHES"]
 #: rows (batch × new tokens) up to which the one-launch kernel is used; more rows make the GPU, not the host,
 #: the bound, and cuBLAS's GEMM is the faster one there
 MAX_ROWS = 64
-#: whether the default mode (``"compiled"``) uses the kernel inside ``torch.compile`` graphs: yes, it measured
+#: whether mode ``"compiled"`` uses the kernel inside ``torch.compile`` graphs: yes, it measured
 #: faster there than inductor's code for the plain path (README, "Serving": transformers' compiled decode step)
 COMPILED_DEFAULT = True
 #: decode kernel launches since import (tests, benchmarks)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["dora_layer", "dora_linear", "forward_impl", "backward_impl", "COMPILED_DEFAULT"]
 
-#: whether the default mode (``"compiled"``) uses the DoRA kernels inside ``torch.compile`` graphs (README,
+#: whether mode ``"compiled"`` uses the DoRA kernels inside ``torch.compile`` graphs (README,
 #: "Fused training kernels")
 COMPILED_DEFAULT = False
 

@@ -175,6 +175,18 @@ def _positions(pos: torch.Tensor, length: int, prefill: bool) -> torch.Tensor:
     return torch.cat([front, shifted], dim=1)
 
 
+def refuse_fixed_size(cache: Any, length: int) -> None:
+    """Refuse a fixed-size cache (``cache_implementation="static"``: ``generate()`` sizes it, and builds its
+    attention masks ahead of the call, for the text tokens only, so the prompt's positions fit neither).
+
+    :raises AdapterError: ``cache`` is a compileable (fixed-size) transformers cache."""
+    if getattr(getattr(cache, "self_attention_cache", cache), "is_compileable", False):
+        raise AdapterError(f"Prompt tuning cannot use a static (fixed-size) cache: generate() sizes it and its "
+                           f"attention masks for the text tokens, without the prompt's {length} virtual tokens. "
+                           "Generate with the default dynamic cache (no cache_implementation='static'), or use "
+                           "prefix tuning, which works with static caches and torch.compile.")
+
+
 def prompt_pre_hook(attr: str, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook of the entry module (see the module docstring)."""
     layer = module._modules.get(attr)
@@ -184,8 +196,10 @@ def prompt_pre_hook(attr: str, module: nn.Module, args: tuple, kwargs: dict) -> 
         push_call(module, 0)
         return None
     names = layer.params
-    prefill = cache_length(get_arg(names, args, kwargs, *CACHE_KEYS)) == 0
+    cache = get_arg(names, args, kwargs, *CACHE_KEYS)
+    prefill = cache_length(cache) == 0
     if prefill:
+        refuse_fixed_size(cache, length)
         embeds = get_arg(names, args, kwargs, "inputs_embeds")
         if embeds is None:
             ids = get_arg(names, args, kwargs, "input_ids")
@@ -228,7 +242,7 @@ def _trim(value: Any, length: int, rows_only: bool = False) -> Any:
 def prompt_post_hook(attr: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     """Forward hook of a single-stack entry module: the prompt's positions cut from the outputs."""
     length = pop_call(module)
-    if not length:
+    if not length or output is None:  # None: the forward raised (this hook always runs, to pop the call)
         return None
     if isinstance(output, tuple) and not hasattr(output, "keys"):
         return (_trim(output[0], length), *output[1:])
