@@ -44,3 +44,51 @@ def test_fullgraph_training_step_matches_eager(method) -> None:
     assert grads.keys() == eager_grads.keys() and grads
     for name, grad in eager_grads.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+REGIONAL = [*METHODS, "mtl_lora", "compacter[reduction_factor=4]", "prefix_tuning", "prompt_tuning"]
+
+
+def _step(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    for p in model.parameters():
+        p.grad = None
+    out = model(**inputs, use_cache=False).last_hidden_state
+    out.pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", REGIONAL)
+def test_regional_compilation_compiles_one_graph_for_every_layer(method) -> None:
+    """Each decoder layer compiled on its own (``layer.compile()``, the quick way to compile an LLM): the
+    layers share their graphs, so a 4-layer model compiles no more graphs than a 2-layer one (per-layer state
+    that dynamo guards on, such as an int index or a dict keyed by devices, would make every layer a new
+    graph, and past the recompile limit run eagerly), and the step equals the eager one."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    for depth in (2, 4):
+        model = adapters.init(tiny_model("qwen3", "base", num_hidden_layers=depth))
+        model.add_adapter("a", config=method)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model._adapters_state.adapter_parameters("a"):
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        model.train_adapter("a")
+        model.eval()
+        inputs = tiny_inputs(model, batch=2, seq=8)
+        eager_out, eager_grads = _step(model, inputs)
+        torch._dynamo.reset()
+        counters.clear()
+        for layer in model.layers:
+            layer.compile(fullgraph=True, backend="eager")
+        try:
+            out, grads = _step(model, inputs)
+            _step(model, inputs)  # a second step compiles nothing new
+            graphs.append(counters["stats"]["unique_graphs"])
+        finally:
+            torch._dynamo.reset()
+        torch.testing.assert_close(out, eager_out, atol=1e-6, rtol=1e-5)
+        assert grads.keys() == eager_grads.keys() and grads
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert graphs[0] == graphs[1], f"{method}: {graphs[0]} graphs for 2 layers, {graphs[1]} for 4"

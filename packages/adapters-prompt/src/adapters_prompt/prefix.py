@@ -61,12 +61,11 @@ class PrefixMLP(nn.Module):
                                            nn.Linear(bottleneck, layers * width, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout)
 
-    def layer_prefix(self, index: int) -> torch.Tensor:
-        """Layer ``index``'s prefix, ``P × width``."""
+    def layer_prefix(self, columns: torch.Tensor) -> torch.Tensor:
+        """One layer's prefix, ``P × width``, from its ``columns`` (indices into ``layers·width``)."""
         hidden = self.control_trans[1](self.control_trans[0](self.wte.weight))
         last = self.control_trans[2]
-        rows = slice(index * self.width, (index + 1) * self.width)
-        return self.dropout(F.linear(hidden, last.weight[rows], last.bias[rows]))
+        return self.dropout(F.linear(hidden, last.weight.index_select(0, columns), last.bias.index_select(0, columns)))
 
     def prefixes(self) -> torch.Tensor:
         """Every layer's prefix, ``P × layers·width`` (no dropout)."""
@@ -85,8 +84,8 @@ class PrefixFlat(nn.Module):
         self.control_trans = nn.Parameter(values.detach().clone().to(dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout)
 
-    def layer_prefix(self, index: int) -> torch.Tensor:
-        return self.dropout(self.control_trans[:, index * self.width:(index + 1) * self.width])
+    def layer_prefix(self, columns: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.control_trans.index_select(1, columns))
 
     def prefixes(self) -> torch.Tensor:
         return self.control_trans
@@ -104,6 +103,11 @@ class PrefixUnit(nn.Module):
         self.pool = SharedRef(pool)
         self.index, self.heads, self.head_dim, self.offset = index, heads, head_dim, offset
         self.gate = gate
+        # the column block as indices, not as an int: under torch.compile an int attribute is a constant, so
+        # each layer's attention compiled on its own (regional compilation) would be a new graph
+        device = next(iter(pool.parameters())).device
+        self.register_buffer("columns", torch.arange(index * pool.width, (index + 1) * pool.width, device=device),
+                             persistent=False)
 
     @property
     def length(self) -> int:
@@ -113,7 +117,7 @@ class PrefixUnit(nn.Module):
 
     def kv(self) -> torch.Tensor:
         """``2 × H_kv × P × D``: keys, values."""
-        flat = self.pool.module.layer_prefix(self.index)
+        flat = self.pool.module.layer_prefix(self.columns)
         return flat.view(flat.shape[0], 2, self.heads, self.head_dim).permute(1, 2, 0, 3)
 
 

@@ -241,21 +241,21 @@ def _token_layout(h: torch.Tensor) -> Any:
     ctx = current_context()
     batch, seq = h.shape[0], h.shape[1]
     key = (_CACHE_KEY, batch, seq, h.device)
-    if ctx is not None:
-        cached = ctx.extra.get(key)
-        if cached is not None:
-            return cached
-        if ctx.past_length() > 0:
-            ctx.extra[key] = _SKIP  # continues a cached sequence: the prompt was edited in the pre-fill
-            return _SKIP
+    memo = _call_memo(ctx)
+    if memo is not None and memo.get(key) is not None:
+        return memo[key]
+    if ctx is not None and ctx.past_length() > 0:
+        if memo is not None:
+            memo[key] = _SKIP  # continues a cached sequence: the prompt was edited in the pre-fill
+        return _SKIP
     mask = ctx.attention_mask if ctx is not None else None
     segments = None
     real = None
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch:
         if mask.shape[1] > seq:
             result: Any = _SKIP  # mask covers cached tokens too: a continuation
-            if ctx is not None:
-                ctx.extra[key] = result
+            if memo is not None:
+                memo[key] = result
             return result
         if mask.shape[1] == seq:
             real = mask.to(device=h.device) != 0
@@ -271,9 +271,19 @@ def _token_layout(h: torch.Tensor) -> Any:
     if limit is not None:
         lengths = torch.minimum(lengths, limit.to(lengths.device).expand_as(lengths))
     result = (order, lengths, segments)
-    if ctx is not None:
-        ctx.extra[key] = result
+    if memo is not None:
+        memo[key] = result
     return result
+
+
+def _call_memo(ctx: Any) -> dict | None:
+    """Where the layers of one call share what they derive from the call's layout (computed once a call):
+    the context's ``extra``; ``None`` (derive it again) without a context and inside ``torch.compile``, where
+    a shared dict keyed by devices and tensor ids would be guarded on, so every layer compiled on its own
+    (regional compilation) would recompile or fail, and the graph recomputes it for nothing anyway."""
+    if ctx is None or torch.compiler.is_compiling():
+        return None
+    return ctx.extra
 
 
 def _segment_slots(unit: ReftUnit, segments: list[tuple[int, int, int]], seq: int,
@@ -332,13 +342,13 @@ class ReftLayer(AdapterLayer):
             return self._edit_packed(plan, h, segments)
         if type(plan) is Leaf:
             unit: ReftUnit = self.adapters[plan.name]
-            ctx = current_context()
+            memo = _call_memo(current_context())
             key = (_SLOT_KEY, unit.prefix, unit.suffix, unit.tied, id(order))
-            slots = ctx.extra.get(key) if ctx is not None else None
+            slots = memo.get(key) if memo is not None else None
             if slots is None:
                 slots = unit.slots(order, lengths)
-                if ctx is not None:
-                    ctx.extra[key] = slots
+                if memo is not None:
+                    memo[key] = slots
             return unit.apply(h, *slots)
         return self.run_plan(plan, (h, order, lengths))
 
