@@ -78,3 +78,32 @@ def test_prompt_tuning_refuses_a_static_cache_and_keeps_working() -> None:
     with pytest.raises(AdapterError, match=r"Prompt tuning cannot use a static .* 10 virtual tokens"):
         _generate(model, ids, cache_implementation="static")
     _same(_generate(model, ids), want)
+
+
+ROUTED = ["lora", "ia3", "dora", "mtl_lora", "vera", "seq_bn", "par_bn", "loreft", "prefix_tuning"]
+
+
+@pytest.mark.parametrize("method", ROUTED)
+def test_per_row_adapters_compile_into_the_decode_step(method: str) -> None:
+    """``adapter_names`` (two adapters and a base row; prefix tuning: no base row, whose rows could not share
+    one prefix length) through a static cache and the compiled decode step: the rows are grouped on the host
+    in Python, so routing is part of one graph (``fullgraph=True``; LoReFT branches on the cache's length,
+    which a static cache counts on the device, so its graph breaks there), and the tokens and logits equal
+    the eager dynamic-cache generation's."""
+    model = _model("qwen3", method)
+    model.add_adapter("b", config=method)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model._adapters_state.adapter_parameters("b"):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    ids = torch.randint(4, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1))
+    rows = ["b", "a", "a"] if method == "prefix_tuning" else ["b", "__base__", "a"]
+    want = _generate(model, ids, adapter_names=rows)
+    config = _compile_config()
+    config.fullgraph = method != "loreft"
+    torch._dynamo.reset()
+    try:
+        got = _generate(model, ids, adapter_names=rows, cache_implementation="static", compile_config=config)
+    finally:
+        torch._dynamo.reset()
+    _same(got, want)

@@ -74,25 +74,42 @@ class ForwardContext:
     prompt_lengths: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def set_task_ids(self, task_ids: torch.Tensor, num_tasks: int, device: torch.device | None = None) -> None:
-        """Group rows by task once per forward, on the host: no device sync for task ids given as a
-        list or CPU tensor, one copy to the host for ids already on an accelerator."""
-        host = task_ids.detach().long().reshape(-1).cpu()
-        if host.numel() and (int(host.min()) < 0 or int(host.max()) >= num_tasks):
+    def set_task_ids(self, task_ids: torch.Tensor | list[int], num_tasks: int,
+                     device: torch.device | None = None) -> None:
+        """Group rows by task once per forward, on the host, in Python: no device sync for task ids given
+        as a list (``adapter_names``, names or ints) or CPU tensor, one copy to the host for ids already on
+        an accelerator. From a list nothing here is a tensor operation, so under ``torch.compile`` the
+        grouping is a constant of the graph (dynamo guards on the list) instead of a graph break."""
+        if isinstance(task_ids, torch.Tensor):
+            source_device = task_ids.device
+            host = [int(t) for t in task_ids.detach().reshape(-1).cpu().tolist()]
+        else:
+            source_device, host = torch.device("cpu"), [int(t) for t in task_ids]
+        if any(t < 0 or t >= num_tasks for t in host):
             raise ValueError(f"task_ids must lie in [0, {num_tasks}); got values outside that range.")
-        perm = torch.argsort(host, stable=True)
-        self.task_sizes = torch.bincount(host, minlength=num_tasks).tolist()
-        device = torch.device(device if device is not None else task_ids.device)
-        packed = torch.stack([host, perm, torch.argsort(perm)])
-        if device.type == "cuda":
-            # one asynchronous copy from pinned memory: no host-device synchronisation
-            packed = packed.pin_memory().to(device, non_blocking=True)
-        elif device.type != "cpu":
-            packed = packed.to(device)
+        perm = sorted(range(len(host)), key=host.__getitem__)  # stable: rows of one task keep their order
+        inverse = [0] * len(perm)
+        for position, row in enumerate(perm):
+            inverse[row] = position
+        sizes = [0] * num_tasks
+        for t in host:
+            sizes[t] += 1
+        self.task_sizes = sizes
+        device = torch.device(device if device is not None else source_device)
+        if torch.compiler.is_compiling():
+            packed = torch.tensor([host, perm, inverse], dtype=torch.long, device=device)
+        else:
+            packed = torch.tensor([host, perm, inverse], dtype=torch.long)
+            if device.type == "cuda":
+                # one asynchronous copy from pinned memory: no host-device synchronisation
+                packed = packed.pin_memory().to(device, non_blocking=True)
+            elif device.type != "cpu":
+                packed = packed.to(device)
         self.task_ids, self.task_perm, self.task_inverse = packed.unbind(0)
 
-    def past_length(self) -> int:
-        """How many tokens of each row the cache held before this call (0 without a cache).
+    def past_length(self) -> Any:
+        """How many tokens of each row the cache held before this call (0 without a cache): an ``int``, or a
+        0-d tensor under ``torch.compile`` when the cache counts on the device (transformers' static cache).
 
         Read from the cache object (no device sync for transformers' dynamic cache), else from
         ``cache_position``. Computed when the call starts (the model appends to its cache during
@@ -100,10 +117,14 @@ class ForwardContext:
         """
         if "past_length" in self.extra:
             return self.extra["past_length"]
-        value = 0
+        value: Any = 0
         cache = self.past_key_values
         if cache is not None and hasattr(cache, "get_seq_length"):
-            value = int(cache.get_seq_length())
+            length = cache.get_seq_length()
+            # a static cache counts on the device: under torch.compile a copy of that tensor (reading it on the
+            # host would break the graph of every call; only a method that branches on it breaks its own)
+            compiled = isinstance(length, torch.Tensor) and torch.compiler.is_compiling()
+            value = length.clone() if compiled else int(length)
         elif isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
             value = int(cache[0][0].shape[-2])
         elif isinstance(self.cache_position, torch.Tensor) and self.cache_position.numel():

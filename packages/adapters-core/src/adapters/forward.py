@@ -184,12 +184,13 @@ def _build_context(state: Any, table: Any, args: tuple, kwargs: dict, task_ids: 
     if table.task_names is not None:
         if task_ids is None:
             raise ValueError("The active setup is MultiTask: pass task_ids=[...] (one task per row) to forward.")
-        ids = _task_tensor(task_ids, list(table.task_names))
+        ids = _task_ids(task_ids, list(table.task_names))
         batch = _batch_size(named)
         if entry is not None and entry.generation:
             ids = _expand_rows(ids, batch)
-        if batch is not None and ids.numel() != batch:
-            raise ValueError(f"{label} has {ids.numel()} entries for a batch of {batch} rows: pass one per row "
+        count = ids.numel() if isinstance(ids, torch.Tensor) else len(ids)
+        if batch is not None and count != batch:
+            raise ValueError(f"{label} has {count} entries for a batch of {batch} rows: pass one per row "
                              f"({_row_entry(label, table.task_names)}).")
         device = next((t.device for t in (ctx.input_ids, ctx.attention_mask) if isinstance(t, torch.Tensor)), None)
         if device is None:
@@ -198,11 +199,14 @@ def _build_context(state: Any, table: Any, args: tuple, kwargs: dict, task_ids: 
     return args, kwargs, ctx
 
 
-def _expand_rows(values: torch.Tensor, batch: int | None) -> torch.Tensor:
-    """Per-row ``values`` for a batch that ``generate()`` expanded (``num_beams``,
+def _expand_rows(values: Any, batch: int | None) -> Any:
+    """Per-row ``values`` (a tensor or a list) for a batch that ``generate()`` expanded (``num_beams``,
     ``num_return_sequences``: each row repeated in place, as ``repeat_interleave`` does)."""
-    if batch is not None and values.numel() and batch != values.numel() and batch % values.numel() == 0:
-        return values.repeat_interleave(batch // values.numel())
+    count = values.numel() if isinstance(values, torch.Tensor) else len(values)
+    if batch is not None and count and batch != count and batch % count == 0:
+        if isinstance(values, torch.Tensor):
+            return values.repeat_interleave(batch // count)
+        return [v for v in values for _ in range(batch // count)]
     return values
 
 
@@ -215,7 +219,8 @@ def _real_lengths(mask: Any, named: dict[str, Any]) -> torch.Tensor | None:
     return None
 
 
-def _task_tensor(task_ids: Any, names: list[str]) -> torch.Tensor:
+def _task_ids(task_ids: Any, names: list[str]) -> torch.Tensor | list[int]:
+    """One task per row: a tensor as given (flattened), or a list of indices (names resolved)."""
     if isinstance(task_ids, torch.Tensor):
         return task_ids.reshape(-1)
     if isinstance(task_ids, str) or not hasattr(task_ids, "__iter__"):
@@ -229,7 +234,7 @@ def _task_tensor(task_ids: Any, names: list[str]) -> torch.Tensor:
             ids.append(names.index(t))
         else:
             ids.append(int(t))
-    return torch.tensor(ids, dtype=torch.long)
+    return ids
 
 
 def generate_with_setup(model: nn.Module, original: Any, args: tuple, kwargs: dict) -> Any:
@@ -296,7 +301,7 @@ def _row_entry(label: str, task_names: Any) -> str:
     return f"a name of {list(task_names)} or its index" if task_names else "a task name or index"
 
 
-def rows_table(state: Any, adapter_names: Any) -> tuple[PlanTable, torch.Tensor | None]:
+def rows_table(state: Any, adapter_names: Any) -> tuple[PlanTable, list[int] | None]:
     """The plan table and per-row task ids of a call with ``adapter_names=[...]``: one adapter name per row,
     :data:`BASE_ROW` (``"__base__"``) for a row that runs the base model alone.
 
@@ -306,7 +311,7 @@ def rows_table(state: Any, adapter_names: Any) -> tuple[PlanTable, torch.Tensor 
     adapters, fusions or merges change), and LoRA's gathered path keeps one stack per layer. Rows that all
     name the base model run the plain base table (no routing).
 
-    :returns: ``(table, ids)``; ``ids`` is ``None`` when no row needs routing.
+    :returns: ``(table, ids)``: ``ids`` a list of row indices into the table, ``None`` when no row needs routing.
     :raises ValueError: ``adapter_names`` is not a list of names.
     :raises AdapterNotFoundError: a name the model does not have.
     :raises CompositionError: a named adapter's method does not support ``MultiTask``, or adapters are merged
@@ -332,7 +337,7 @@ def rows_table(state: Any, adapter_names: Any) -> tuple[PlanTable, torch.Tensor 
         ids.append(slot)
     if table is None or all(slot == len(index) - 1 for slot in ids):
         return state.table(None), None  # every row runs the base model
-    return table, torch.tensor(ids, dtype=torch.long)
+    return table, ids
 
 
 @torch.compiler.disable  # builds blocks and tables (once per adapter set): never traced
