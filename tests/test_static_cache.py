@@ -1,8 +1,8 @@
 """``generate()`` with a static cache (``cache_implementation="static"``), the way a compiled server runs: for
 every method, the tokens equal those of the default dynamic cache, and inside the decode step transformers
 compiles (``torch.compile``, here ``fullgraph=True`` with dynamo's ``eager`` backend: any graph break fails)
-too. Prompt tuning, whose virtual tokens a static cache has no room for, is refused with a message, and the
-model generates as before afterwards."""
+too, as one graph for every step. Prompt tuning (and prefix tuning on encoder-decoder models), whose virtual
+tokens a static cache has no room for, is refused with a message, and the model generates as before afterwards."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def _model(arch: str, method: str) -> torch.nn.Module:
 def _generate(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens and every step's logits."""
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                             min_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                             min_new_tokens=10, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
                              output_logits=True, **kwargs)
     return out.sequences, torch.stack(out.logits)
 
@@ -62,10 +62,16 @@ def test_static_cache_and_compiled_decode_equal_dynamic_cache(arch: str, method:
     _same(_generate(model, ids, cache_implementation="static"), want)
     if arch != "qwen3":  # compiling every method once is enough
         return
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     try:
         got = _generate(model, ids, cache_implementation="static", compile_config=_compile_config())
         assert model._compiled_call is not None
+        # one graph for the 9 decode steps: nothing reads the cache's length on the host (past the recompile
+        # limit of 8, fullgraph=True would have raised)
+        assert counters["stats"]["unique_graphs"] == 1
     finally:
         torch._dynamo.reset()
     _same(got, want)
@@ -100,10 +106,24 @@ def test_per_row_adapters_compile_into_the_decode_step(method: str) -> None:
     rows = ["b", "a", "a"] if method == "prefix_tuning" else ["b", "__base__", "a"]
     want = _generate(model, ids, adapter_names=rows)
     config = _compile_config()
-    config.fullgraph = method != "loreft"
+    config.fullgraph = True
     torch._dynamo.reset()
     try:
         got = _generate(model, ids, adapter_names=rows, cache_implementation="static", compile_config=config)
     finally:
         torch._dynamo.reset()
     _same(got, want)
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_prefix_tuning_on_encoder_decoder_refuses_a_static_cache(arch: str) -> None:
+    """Cross-attention caches and T5's relative biases of a static cache are sized without the prefix: a
+    message, no shape error, and the model generates as before afterwards; other methods work there."""
+    model = _model(arch, "prefix_tuning")
+    ids = torch.randint(4, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+    want = _generate(model, ids)
+    with pytest.raises(AdapterError, match="Prefix tuning on an encoder-decoder model cannot use a static"):
+        _generate(model, ids, cache_implementation="static")
+    _same(_generate(model, ids), want)
+    lora = _model(arch, "lora")
+    _same(_generate(lora, ids, cache_implementation="static"), _generate(lora, ids))

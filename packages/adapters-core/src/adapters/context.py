@@ -72,6 +72,9 @@ class ForwardContext:
     task_sizes: list[int] | None = None
     parallel: int = 1
     prompt_lengths: torch.Tensor | None = None
+    #: inside ``generate()``: the call continues the generation's cache (known from the generation's earlier
+    #: calls, without reading the cache, whose device-side length a compiled decode step must not branch on)
+    continues: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def set_task_ids(self, task_ids: torch.Tensor | list[int], num_tasks: int,
@@ -107,9 +110,8 @@ class ForwardContext:
                 packed = packed.to(device)
         self.task_ids, self.task_perm, self.task_inverse = packed.unbind(0)
 
-    def past_length(self) -> Any:
-        """How many tokens of each row the cache held before this call (0 without a cache): an ``int``, or a
-        0-d tensor under ``torch.compile`` when the cache counts on the device (transformers' static cache).
+    def past_length(self) -> int:
+        """How many tokens of each row the cache held before this call (0 without a cache).
 
         Read from the cache object (no device sync for transformers' dynamic cache), else from
         ``cache_position``. Computed when the call starts (the model appends to its cache during
@@ -117,14 +119,10 @@ class ForwardContext:
         """
         if "past_length" in self.extra:
             return self.extra["past_length"]
-        value: Any = 0
+        value = 0
         cache = self.past_key_values
         if cache is not None and hasattr(cache, "get_seq_length"):
-            length = cache.get_seq_length()
-            # a static cache counts on the device: under torch.compile a copy of that tensor (reading it on the
-            # host would break the graph of every call; only a method that branches on it breaks its own)
-            compiled = isinstance(length, torch.Tensor) and torch.compiler.is_compiling()
-            value = length.clone() if compiled else int(length)
+            value = int(cache.get_seq_length())
         elif isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
             value = int(cache[0][0].shape[-2])
         elif isinstance(self.cache_position, torch.Tensor) and self.cache_position.numel():
@@ -191,6 +189,8 @@ class AdapterSetup:
         #: set by generate(): the calls inside belong to one generation (see ForwardContext.prompt_lengths)
         self.generation = False
         self.prompt_lengths: torch.Tensor | None = None
+        #: set by generate(): a call of this generation already had a cache (later calls continue it)
+        self.cache_started = False
 
     def __enter__(self) -> AdapterSetup:
         global OPEN_SETUPS

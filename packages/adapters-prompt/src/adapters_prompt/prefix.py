@@ -176,6 +176,13 @@ def prefix_pre_hook(attr: str, module: nn.Module, args: tuple, kwargs: dict) -> 
     inner = module.get_submodule(layer.inner) if layer.inner else module
     layer_idx = getattr(inner, "layer_idx", None)
     real = get_arg(names, args, kwargs, *CACHE_KEYS)
+    if hasattr(real, "self_attention_cache") and any(
+            getattr(getattr(real, part, None), "is_compileable", False)
+            for part in ("self_attention_cache", "cross_attention_cache")):
+        raise AdapterError("Prefix tuning on an encoder-decoder model cannot use a static (fixed-size) cache: its "
+                           "cross-attention cache and relative position biases are sized for the tokens, without "
+                           f"the {length} prefix positions. Generate with the default dynamic cache (no "
+                           "cache_implementation='static'); decoder-only models take static caches.")
     past = 0
     if not layer.cross and real is not None:
         own = real.self_attention_cache if hasattr(real, "self_attention_cache") else real

@@ -244,7 +244,7 @@ def _token_layout(h: torch.Tensor) -> Any:
     memo = _call_memo(ctx)
     if memo is not None and memo.get(key) is not None:
         return memo[key]
-    if ctx is not None and ctx.past_length() > 0:
+    if ctx is not None and (ctx.continues or ctx.past_length() > 0):
         if memo is not None:
             memo[key] = _SKIP  # continues a cached sequence: the prompt was edited in the pre-fill
         return _SKIP
