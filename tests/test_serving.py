@@ -383,7 +383,8 @@ def test_an_adapter_no_row_names_changes_nothing(method) -> None:
 def test_encoder_decoder_generate_runs_the_calls_setup_in_the_encoder(arch, method) -> None:
     """``generate()`` on an encoder-decoder model calls the encoder alone before the decoder steps: an open
     ``AdapterSetup``, ``AdapterSetup(None)`` and per-row ``adapter_names`` reach it, so each gives what the same
-    setup made active gives (was: the encoder ran the default setup, the decoder the asked one)."""
+    setup made active gives (was: the encoder ran the default setup, the decoder the asked one); the encoder
+    called alone routes its rows by ``adapter_names`` too."""
     model = adapters.init(tiny_model(arch, "seq2seq_lm"))
     for i, name in enumerate("ab"):
         model.add_adapter(name, method)
@@ -408,7 +409,47 @@ def test_encoder_decoder_generate_runs_the_calls_setup_in_the_encoder(arch, meth
             torch.testing.assert_close(scores(), alone[None], rtol=1e-5, atol=1e-5)
         # (a prefix adds positions to its rows: base rows cannot share a batch with prefixed ones)
         rows = ["b", "a", "b"] if method.startswith("prefix") else ["b", None, "a"]
-        routed = scores(adapter_names=[name or "__base__" for name in rows])
+        names = [name or "__base__" for name in rows]
+        routed = scores(adapter_names=names)
+        # the encoder called alone with adapter_names (its forward would swallow them in **kwargs)
+        encoder = model.get_encoder()
+        routed_encoder = encoder(**prompts, adapter_names=names).last_hidden_state
+        encoded = {}
+        for name in set(rows):
+            with adapters.AdapterSetup(name):
+                encoded[name] = encoder(**prompts).last_hidden_state
+    for row, name in enumerate(rows):
+        torch.testing.assert_close(routed[row], alone[name][row], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(routed_encoder[row], encoded[name][row], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(alone["a"], alone["b"])
+
+
+@pytest.mark.parametrize("arch, task", [("qwen3", "causal_lm"), ("gpt2", "causal_lm"), ("bert", "seq_cls")])
+@pytest.mark.parametrize("method", ["lora", "ia3", "seq_bn", "loreft", "prefix_tuning[prefix_length=2]"])
+def test_base_model_called_alone_runs_the_setup_and_routes_rows(arch, task, method) -> None:
+    """The base model inside a task model called on its own (``model.model(...)``, for embeddings): an open
+    ``AdapterSetup`` and ``adapter_names=`` apply to it as to a call of the whole model (its forward would
+    swallow ``adapter_names`` in ``**kwargs``, and the setup would not reach its layers)."""
+    model = adapters.init(tiny_model(arch, task))
+    for i, name in enumerate("ab"):
+        model.add_adapter(name, method)
+        _perturb(model, name, seed=i + 1, std=0.5)
+    model.set_active_adapters("a")
+    model.eval()
+    inner = model.base_model
+    assert inner is not model
+    prompts = tiny_inputs(model, batch=3, seq=5)
+    rows = ["b", "a", "b"] if method.startswith("prefix") else ["b", "__base__", "a"]
+    with torch.no_grad():
+        alone = {}
+        for name in set(rows):
+            model.set_active_adapters(None if name == "__base__" else name)
+            alone[name] = inner(**prompts).last_hidden_state
+        model.set_active_adapters("a")
+        with adapters.AdapterSetup("b"):
+            torch.testing.assert_close(inner(**prompts).last_hidden_state, alone["b"], rtol=1e-5, atol=1e-5)
+        routed = inner(**prompts, adapter_names=rows).last_hidden_state
+        torch.testing.assert_close(inner(**prompts).last_hidden_state, alone["a"], rtol=1e-5, atol=1e-5)
     for row, name in enumerate(rows):
         torch.testing.assert_close(routed[row], alone[name][row], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(alone["a"], alone["b"])

@@ -27,7 +27,7 @@ from .errors import CompositionError
 from .plan import IDENTITY, MultiTaskPlan
 from .plan_compile import PlanTable
 
-__all__ = ["pre_forward", "post_forward", "encoder_pre_forward", "encoder_post_forward", "generate_with_setup",
+__all__ = ["pre_forward", "post_forward", "inner_pre_forward", "inner_post_forward", "generate_with_setup",
            "call_setup", "rows_table", "BASE_ROW"]
 
 #: The name that sends a row of ``adapter_names=[...]`` to the base model (no adapter), as in peft.
@@ -130,26 +130,31 @@ def post_forward(model: nn.Module, args: tuple, output: Any) -> None:
     return None
 
 
-def _encoder_calls() -> list:
-    return _thread_stack("encoder_calls")
+def _inner_calls() -> list:
+    return _thread_stack("inner_calls")
 
 
-def encoder_pre_forward(state: Any, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Forward pre-hook of an encoder-decoder model's encoder: a call of the encoder alone (``generate()`` runs
-    it before the decoder steps; ``model.get_encoder()(...)``) under an open :class:`AdapterSetup` (or a
-    generation's ``adapter_names`` / ``task_ids``) runs that setup, as a call of the whole model would. Inside a
-    call of the model (its context is active) or with no setup open, it does nothing."""
+def inner_pre_forward(state: Any, inner: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of a module inside an adapter model that users and transformers call on its own: the
+    encoder of an encoder-decoder model (``generate()`` runs it before the decoder steps;
+    ``model.get_encoder()(...)``) and the base model inside a task model (``model.model(...)``, for
+    embeddings). Called alone under an open :class:`AdapterSetup` (or a generation's ``adapter_names`` /
+    ``task_ids``), or given ``adapter_names=`` / ``task_ids=`` itself (which its own forward would swallow
+    in ``**kwargs``), it runs that setup, as a call of the whole model would. Inside a call of the model
+    (its context is active) or with no setup open and no rows to route, it does nothing."""
     model = state.model
-    if not _context.OPEN_SETUPS or current_setup(model) is None or _context.call_context(state.token) is not None:
-        _encoder_calls().append(False)
+    routed = "adapter_names" in kwargs or "task_ids" in kwargs
+    if (_context.call_context(state.token) is not None
+            or (not routed and (not _context.OPEN_SETUPS or current_setup(model) is None))):
+        _inner_calls().append(False)
         return None
-    _encoder_calls().append(True)  # pre_forward always pushes one entry that post_forward pops
+    _inner_calls().append(True)  # pre_forward always pushes one entry that post_forward pops
     return pre_forward(model, args, kwargs)
 
 
-def encoder_post_forward(state: Any, encoder: nn.Module, args: tuple, output: Any) -> None:
-    """Forward hook (always called) of the encoder: ends what :func:`encoder_pre_forward` started."""
-    stack = _encoder_calls()
+def inner_post_forward(state: Any, inner: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook (always called) of such a module: ends what :func:`inner_pre_forward` started."""
+    stack = _inner_calls()
     if stack and stack.pop():
         post_forward(state.model, args, output)
     return None

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .forward import encoder_post_forward, encoder_pre_forward, post_forward, pre_forward
+from .forward import inner_post_forward, inner_pre_forward, post_forward, pre_forward
 from .interface import AdapterModelInterface
 from .model import _adapter_class
 from .plugins import registry
@@ -74,14 +74,25 @@ def init(model: nn.Module, interface: AdapterModelInterface | str | None = None)
     state.forward_params = params  # type: ignore[attr-defined]
     state.hook_handles.append(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
     state.hook_handles.append(model.register_forward_hook(post_forward, always_call=True))
-    encoder = _separate_encoder(model)
-    if encoder is not None:  # generate() calls it alone, before the decoder steps: it must see the call's setup
-        state.hook_handles.append(encoder.register_forward_pre_hook(partial(encoder_pre_forward, state),
-                                                                    with_kwargs=True))
-        state.hook_handles.append(encoder.register_forward_hook(partial(encoder_post_forward, state),
-                                                                always_call=True))
+    # modules called on their own (generate() calls the encoder before the decoder steps; users call the base
+    # model inside a task model for embeddings): such a call must see the open setup and route its rows too
+    for inner in _separately_called(model):
+        state.hook_handles.append(inner.register_forward_pre_hook(partial(inner_pre_forward, state),
+                                                                  with_kwargs=True))
+        state.hook_handles.append(inner.register_forward_hook(partial(inner_post_forward, state),
+                                                              always_call=True))
     state.apply_setup(None)
     return model
+
+
+def _separately_called(model: nn.Module) -> list[nn.Module]:
+    """The encoder of an encoder-decoder model and the base model inside a task model, where they are modules
+    of their own."""
+    found: list[nn.Module] = []
+    for inner in (_separate_encoder(model), getattr(model, "base_model", None)):
+        if isinstance(inner, nn.Module) and inner is not model and all(inner is not m for m in found):
+            found.append(inner)
+    return found
 
 
 def _separate_encoder(model: nn.Module) -> nn.Module | None:
