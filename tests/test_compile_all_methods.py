@@ -24,14 +24,7 @@ METHODS = ["lora", "dora", "ia3", "vera", "seq_bn", "par_bn", "double_seq_bn", "
 def test_fullgraph_training_step_matches_eager(method) -> None:
     results = []
     for compiled in (False, True):
-        model = adapters.init(tiny_model("qwen3", "base"))
-        model.add_adapter("a", config=method)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in model._adapters_state.adapter_parameters("a"):
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        model.train_adapter("a")
-        model.eval()
+        model = _trained_model(method)
         inputs = tiny_inputs(model, batch=2, seq=8)
         torch._dynamo.reset()
         run = torch.compile(model, fullgraph=True, backend="eager") if compiled else model
@@ -39,10 +32,27 @@ def test_fullgraph_training_step_matches_eager(method) -> None:
         out.pow(2).mean().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out.detach(), grads))
-    (eager_out, eager_grads), (out, grads) = results
-    torch.testing.assert_close(out, eager_out, atol=1e-6, rtol=1e-5)
-    assert grads.keys() == eager_grads.keys() and grads
-    for name, grad in eager_grads.items():
+    _same_step(results[1], results[0])
+
+
+def _trained_model(method: str, **overrides) -> torch.nn.Module:
+    """A tiny Qwen3 with adapter ``a`` (weights moved off their initial values) set to train, in eval mode."""
+    model = adapters.init(tiny_model("qwen3", "base", **overrides))
+    model.add_adapter("a", config=method)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model._adapters_state.adapter_parameters("a"):
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    model.train_adapter("a")
+    return model.eval()
+
+
+def _same_step(got: tuple, want: tuple) -> None:
+    """Output and every gradient of two steps, to float rounding."""
+    (out, grads), (want_out, want_grads) = got, want
+    torch.testing.assert_close(out, want_out, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == want_grads.keys() and grads
+    for name, grad in want_grads.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
@@ -67,28 +77,18 @@ def test_regional_compilation_compiles_one_graph_for_every_layer(method) -> None
 
     graphs = []
     for depth in (2, 4):
-        model = adapters.init(tiny_model("qwen3", "base", num_hidden_layers=depth))
-        model.add_adapter("a", config=method)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in model._adapters_state.adapter_parameters("a"):
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        model.train_adapter("a")
-        model.eval()
+        model = _trained_model(method, num_hidden_layers=depth)
         inputs = tiny_inputs(model, batch=2, seq=8)
-        eager_out, eager_grads = _step(model, inputs)
+        eager = _step(model, inputs)
         torch._dynamo.reset()
         counters.clear()
         for layer in model.layers:
             layer.compile(fullgraph=True, backend="eager")
         try:
-            out, grads = _step(model, inputs)
+            compiled = _step(model, inputs)
             _step(model, inputs)  # a second step compiles nothing new
             graphs.append(counters["stats"]["unique_graphs"])
         finally:
             torch._dynamo.reset()
-        torch.testing.assert_close(out, eager_out, atol=1e-6, rtol=1e-5)
-        assert grads.keys() == eager_grads.keys() and grads
-        for name, grad in eager_grads.items():
-            torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+        _same_step(compiled, eager)
     assert graphs[0] == graphs[1], f"{method}: {graphs[0]} graphs for 2 layers, {graphs[1]} for 4"
