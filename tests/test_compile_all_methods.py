@@ -6,6 +6,8 @@ runs the captured graph as is, so outputs and gradients must equal the uncompile
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -59,10 +61,12 @@ def _same_step(got: tuple, want: tuple) -> None:
 REGIONAL = [*METHODS, "mtl_lora", "compacter[reduction_factor=4]", "prefix_tuning", "prompt_tuning"]
 
 
-def _step(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _step(model: torch.nn.Module, inputs: dict, run: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Output and gradients of one step of ``model`` (called through ``run``, e.g. its compiled wrapper)."""
     for p in model.parameters():
         p.grad = None
-    out = model(**inputs, use_cache=False).last_hidden_state
+    torch.manual_seed(0)  # dropout draws the same masks in both steps
+    out = (model if run is None else run)(**inputs, use_cache=False).last_hidden_state
     out.pow(2).mean().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -92,3 +96,21 @@ def test_regional_compilation_compiles_one_graph_for_every_layer(method) -> None
             torch._dynamo.reset()
         _same_step(compiled, eager)
     assert graphs[0] == graphs[1], f"{method}: {graphs[0]} graphs for 2 layers, {graphs[1]} for 4"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compiled_training_step_after_eager_steps(method) -> None:
+    """Train mode, as a training loop runs: an eager step first (it installs the layer frames that let gradient
+    checkpointing find a call's context again), then the whole model compiled (``fullgraph=True``): the step
+    equals the eager one (was: LoReFT's traced frame bookkeeping exhausted memory, and the frame hooks'
+    handles broke the graph). With gradient checkpointing a frozen base model alone cannot compile whole
+    (transformers makes the input embeddings require grad, which dynamo cannot return from a graph)."""
+    model = _trained_model(method).train()
+    inputs = tiny_inputs(model, batch=2, seq=8)
+    eager = _step(model, inputs)
+    torch._dynamo.reset()
+    try:
+        compiled = _step(model, inputs, torch.compile(model, fullgraph=True, backend="eager"))
+    finally:
+        torch._dynamo.reset()
+    _same_step(compiled, eager)

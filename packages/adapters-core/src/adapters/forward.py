@@ -117,8 +117,9 @@ def pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dic
         raise
     push_context(ctx)
     _calls().append(True)
-    if model.training and torch.is_grad_enabled():
-        state.ensure_layer_frames()  # gradient checkpointing must find this call's context again
+    if model.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # gradient checkpointing must find this call's context again (a compiled graph recomputes inside itself)
+        state.ensure_layer_frames()
     return args, kwargs
 
 
