@@ -117,9 +117,8 @@ def pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dic
         raise
     push_context(ctx)
     _calls().append(True)
-    if model.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # gradient checkpointing must find this call's context again (a compiled graph recomputes inside itself)
-        state.ensure_layer_frames()
+    if model.training and torch.is_grad_enabled() and not state.frames_installed:
+        state.ensure_layer_frames()  # gradient checkpointing must find this call's context again
     return args, kwargs
 
 

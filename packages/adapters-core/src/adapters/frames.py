@@ -136,14 +136,14 @@ def _wrap_checkpointing(module: nn.Module) -> None:
 
 
 def _enter_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    if torch.compiler.is_compiling():
-        # traced: the graph records the layer's operations, and a checkpointed region's recomputation runs
-        # inside the compiled backward, not through these hooks, so there is no context to find again (and
-        # tensor addresses, weak references and the id counter cannot be traced)
-        _frames().append(LayerFrame(module, False))
-        return None
     if module.training:
         _wrap_checkpointing(module)
+    if torch.compiler.is_compiling():
+        # traced: no tensor-keyed bookkeeping (addresses, weak references and the id counter cannot be traced;
+        # a checkpointed region the graph keeps recomputes inside it, and one it leaves to eager code finds its
+        # context through the wrapped checkpointing function above)
+        _frames().append(LayerFrame(module, False))
+        return None
     ctx = current_context()
     restored = False
     if ctx is None:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import composition as ac
@@ -81,6 +82,8 @@ class AdapterState:
     hook_handles: list[Any] = field(default_factory=list)
     forward_params: list[str] = field(default_factory=list)
     frame_handles: list[Any] = field(default_factory=list)
+    #: whether core's frame hooks are on every layer (a bool: a compiled forward reads it without a graph break)
+    frames_installed: bool = False
     default: PlanTable | None = None
     training: TrainingSetup | None = None
     token: int = field(default_factory=lambda: next(_TOKENS))
@@ -269,13 +272,16 @@ class AdapterState:
         self.invalidate()
         self.apply_setup(self.active)
 
+    @torch.compiler.disable  # registers hooks: never traced (a compiled call breaks its graph here once)
     def ensure_layer_frames(self) -> None:
         """Install core's frame hooks on every Transformer layer (see :mod:`adapters.frames`), once."""
-        if self.frame_handles:
+        if self.frames_installed:
             return
         for lp in self.points.layers:
             self.frame_handles.extend(install_layer_frames(lp.module.module))
+        self.frames_installed = True
 
     def remove_layer_frames(self) -> None:
         remove_layer_frames([lp.module.module for lp in self.points.layers], self.frame_handles)
         self.frame_handles.clear()
+        self.frames_installed = False
