@@ -196,7 +196,8 @@ class BottleneckLayer(AdapterLayer):
         value = self._final_space.get(plan)
         if value is None:
             value = any(not self.configs[n].original_ln_after for n in plan.leaves() if n in self.configs)
-            self._final_space[plan] = value
+            if not torch.compiler.is_compiling():  # a traced write: a recompile per layer, unsafe in checkpointing
+                self._final_space[plan] = value
         return value
 
     def norm_of(self, owner: nn.Module) -> Norm:
