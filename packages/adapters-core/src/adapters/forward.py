@@ -118,8 +118,13 @@ def pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dic
     push_context(ctx)
     _calls().append(True)
     if model.training and torch.is_grad_enabled() and not state.frames_installed:
-        state.ensure_layer_frames()  # gradient checkpointing must find this call's context again
+        _install_layer_frames(state)  # gradient checkpointing must find this call's context again
     return args, kwargs
+
+
+@torch.compiler.disable  # registers hooks: never traced (a compiled call breaks its graph here, once)
+def _install_layer_frames(state: Any) -> None:
+    state.ensure_layer_frames()
 
 
 def post_forward(model: nn.Module, args: tuple, output: Any) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from . import composition as ac
@@ -272,7 +271,6 @@ class AdapterState:
         self.invalidate()
         self.apply_setup(self.active)
 
-    @torch.compiler.disable  # registers hooks: never traced (a compiled call breaks its graph here once)
     def ensure_layer_frames(self) -> None:
         """Install core's frame hooks on every Transformer layer (see :mod:`adapters.frames`), once."""
         if self.frames_installed:
