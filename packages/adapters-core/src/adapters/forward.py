@@ -175,14 +175,13 @@ def _build_context(state: Any, table: Any, args: tuple, kwargs: dict, task_ids: 
                          input_ids=named.get("input_ids"), position_ids=named.get("position_ids"),
                          cache_position=named.get("cache_position"),
                          past_key_values=named.get("past_key_values", named.get("cache")))
-    if entry is not None and entry.generation and ctx.past_key_values is not None:
-        if entry.cache_started:  # a decode step: never read the cache (a compiled step would recompile per length)
-            ctx.continues = True
-        else:
-            ctx.past_length()  # now: the model appends to its cache during the call
-            entry.cache_started = True
-    else:
+    generation_cache = entry is not None and entry.generation and ctx.past_key_values is not None
+    # a generation's decode step never reads the cache (a compiled step would recompile per length)
+    ctx.continues = generation_cache and entry.cache_started
+    if not ctx.continues:
         ctx.past_length()  # now: the model appends to its cache during the call
+        if generation_cache:
+            entry.cache_started = True
     if table.parallel > 1:
         copies = table.parallel
         ctx.parallel = copies

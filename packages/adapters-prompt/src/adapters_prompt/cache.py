@@ -22,7 +22,7 @@ import torch
 
 from adapters.plugin import AdapterError
 
-__all__ = ["PrefixedCache", "wrap_cache", "pad_mask", "pad_position_bias"]
+__all__ = ["PrefixedCache", "wrap_cache", "fixed_size", "pad_mask", "pad_position_bias"]
 
 _ENC_DEC: type | None = None
 
@@ -103,6 +103,13 @@ def _enc_dec_class() -> type:
 
         _ENC_DEC = PrefixedEncoderDecoderCache
     return _ENC_DEC
+
+
+def fixed_size(cache: Any) -> bool:
+    """Whether ``cache`` (or a part of an encoder-decoder cache) has a fixed size: transformers' compileable
+    caches (``cache_implementation="static"``), which ``generate()`` sizes for the text tokens only."""
+    parts = [getattr(cache, p, None) for p in ("self_attention_cache", "cross_attention_cache")]
+    return any(getattr(part, "is_compileable", False) for part in (parts if parts[0] is not None else [cache]))
 
 
 def wrap_cache(real: Any, keys: torch.Tensor, values: torch.Tensor, cross: bool) -> Any:

@@ -28,7 +28,7 @@ from torch import nn
 
 from adapters.plugin import AdapterError, AdapterLayer, PlanNode, SharedRef, StackPlan
 
-from .cache import pad_mask, pad_position_bias, wrap_cache
+from .cache import fixed_size, pad_mask, pad_position_bias, wrap_cache
 from .calls import CACHE_KEYS, get_arg, set_arg
 from .prompt import cache_length, plan_length
 
@@ -176,9 +176,7 @@ def prefix_pre_hook(attr: str, module: nn.Module, args: tuple, kwargs: dict) -> 
     inner = module.get_submodule(layer.inner) if layer.inner else module
     layer_idx = getattr(inner, "layer_idx", None)
     real = get_arg(names, args, kwargs, *CACHE_KEYS)
-    if hasattr(real, "self_attention_cache") and any(
-            getattr(getattr(real, part, None), "is_compileable", False)
-            for part in ("self_attention_cache", "cross_attention_cache")):
+    if hasattr(real, "self_attention_cache") and fixed_size(real):
         raise AdapterError("Prefix tuning on an encoder-decoder model cannot use a static (fixed-size) cache: its "
                            "cross-attention cache and relative position biases are sized for the tokens, without "
                            f"the {length} prefix positions. Generate with the default dynamic cache (no "

@@ -50,6 +50,7 @@ from adapters.plugin import (
     current_context,
 )
 
+from .cache import fixed_size
 from .calls import CACHE_KEYS, get_arg, pop_call, push_call, set_arg
 
 __all__ = ["PromptLayer", "PromptUnit", "prompt_pre_hook", "prompt_post_hook", "decoder_mask_hook",
@@ -180,7 +181,7 @@ def refuse_fixed_size(cache: Any, length: int) -> None:
     attention masks ahead of the call, for the text tokens only, so the prompt's positions fit neither).
 
     :raises AdapterError: ``cache`` is a compileable (fixed-size) transformers cache."""
-    if getattr(getattr(cache, "self_attention_cache", cache), "is_compileable", False):
+    if fixed_size(cache):
         raise AdapterError(f"Prompt tuning cannot use a static (fixed-size) cache: generate() sizes it and its "
                            f"attention masks for the text tokens, without the prompt's {length} virtual tokens. "
                            "Generate with the default dynamic cache (no cache_implementation='static'), or use "
