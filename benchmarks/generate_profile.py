@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 import statistics
 import sys
 import time
@@ -140,7 +141,10 @@ def _in_fused_mode(fn: Callable[[], None], mode: str) -> Callable[[], None]:
     return run
 
 
-def kernels_per_step(fn: Callable[[], None], device: str, steps: int) -> tuple[Counter, dict[str, float], float]:
+def kernels_per_step(fn: Callable[[], None], device: str,
+                     steps: int) -> tuple[Counter, dict[str, float], float, dict[str, float]]:
+    """Kernels launched (by name), their device microseconds, device ms per step, and the host's self
+    microseconds by profiler event (CPU side: ATen ops, the compiled region, CUDA-graph replay, runtime calls)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
@@ -149,12 +153,16 @@ def kernels_per_step(fn: Callable[[], None], device: str, steps: int) -> tuple[C
         _sync(device)
     counts: Counter = Counter()
     times: dict[str, float] = {}
+    host: dict[str, float] = {}
     for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CPU:
+            name = re.sub(r": \d+/\d+$", "", e.key)  # one name for every variant's compiled region
+            host[name] = host.get(name, 0.0) + e.self_cpu_time_total
         if e.device_type == torch.autograd.DeviceType.CUDA or (not device.startswith("cuda")
                                                               and e.key.startswith("aten::")):
             counts[e.key] += e.count
             times[e.key] = times.get(e.key, 0.0) + e.self_device_time_total
-    return counts, times, sum(times.values()) / 1e3 / steps
+    return counts, times, sum(times.values()) / 1e3 / steps, host
 
 
 def _merged(base: nn.Module) -> nn.Module:
@@ -250,13 +258,19 @@ def main() -> None:
         print(f"  {key:14s} {1e3 * v / args.new_tokens:7.2f} ms   {v / t['base']:.3f}x")
 
     base_counts: Counter | None = None
+    base_host: dict[str, float] = {}
     for key in (fns if args.profile else ()):
-        counts, times, device_ms = kernels_per_step(fns[key], args.device, args.new_tokens)
+        counts, times, device_ms, host = kernels_per_step(fns[key], args.device, args.new_tokens)
         print(f"== {key}: {sum(counts.values()) / args.new_tokens:.0f} kernels per new token, device "
-              f"{device_ms:.2f} ms per new token (wall {1e3 * t[key] / args.new_tokens:.2f} ms)")
+              f"{device_ms:.2f} ms per new token (wall {1e3 * t[key] / args.new_tokens:.2f} ms; profiled host "
+              f"self time {sum(host.values()) / 1e3 / args.new_tokens:.2f} ms)")
         if base_counts is None:
-            base_counts = counts
+            base_counts, base_host = counts, host
             continue
+        more = {k: v - base_host.get(k, 0.0) for k, v in host.items()}
+        more.update({k: -v for k, v in base_host.items() if k not in host})
+        for name, extra in sorted(more.items(), key=lambda kv: -abs(kv[1]))[:6]:
+            print(f"    host {extra / args.new_tokens:+8.1f} us per token  {name[:90]}")
         added = {k: (c - base_counts.get(k, 0)) for k, c in counts.items() if c != base_counts.get(k, 0)}
         for name, extra in sorted(added.items(), key=lambda kv: -abs(kv[1]))[:6]:
             mean_us = times.get(name, 0.0) / max(counts[name], 1)

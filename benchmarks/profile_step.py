@@ -4,7 +4,7 @@ Prints torch.profiler tables (by self device time and by CPU time) for the base 
 adapter step, and the number of host-device synchronisations seen, so per-forward Python work
 and syncs show up. Usage::
 
-    python benchmarks/profile_step.py --device cuda --method lora_qv_r8 [--mode infer]
+    python benchmarks/profile_step.py --device cuda --method lora_qv_r8 [--mode infer] [--compile]
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ def main() -> None:
     parser.add_argument("--method", default="lora_qv_r8", choices=list(METHODS))
     parser.add_argument("--mode", choices=["train", "infer"], default="train")
     parser.add_argument("--rows", type=int, default=18)
+    parser.add_argument("--sort", choices=["device", "host"], default="device",
+                        help="order the table by self device time (default on CUDA) or self host time")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile each decoder layer of both models (fused.py's regional compilation)")
     args = parser.parse_args()
 
     gpu = args.device.startswith("cuda")
@@ -34,6 +38,10 @@ def main() -> None:
     dtype = torch.bfloat16 if gpu else torch.float32
     base = build_base(size, dtype, args.device)
     model = adapter_copy(base, METHODS[args.method][0], "p")
+    if args.compile:
+        from fused import compiled_copy
+
+        base, model = compiled_copy(base, None, "layers"), compiled_copy(model, None, "layers")
     shape = (8, 512) if gpu else (2, 64)
     if args.mode == "train":
         x = torch.randn(*shape, base.config.hidden_size, device=args.device, dtype=dtype)
@@ -62,7 +70,7 @@ def main() -> None:
         ops = sum(e.count for e in events if e.key.startswith("aten::"))
         print(f"\n===== {name} ({args.mode}), 5 iterations; device synchronisations: {syncs}; "
               f"per step: {launches / 5:.0f} kernel launches, {ops / 5:.0f} aten ops")
-        sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+        sort = "self_cuda_time_total" if gpu and args.sort == "device" else "self_cpu_time_total"
         print(events.table(sort_by=sort, row_limit=args.rows))
 
 

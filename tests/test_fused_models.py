@@ -175,3 +175,48 @@ def test_model_launches_saved(launch_counter) -> None:
     # DoRA fused: x Wᵀ replaces the base's own GEMM; backward adds the zeroed accumulator and two mm
     assert count_step_ops(model, embeds, True) - base_train == 3 * sites_lora
     assert lora_calls[0] == dora_calls[0] == 2 * sites_lora  # + 4 kernels per site
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("lora, bn", [("lora[r=4, alpha=8]", "seq_bn"), ("dora[r=4, alpha=8]", "par_bn")])
+def test_first_use_inside_a_compiled_graph(close, monkeypatch, backend, lora, bn) -> None:
+    """The kernels' first use in a process can be inside a compiled graph (mode ``compiled``, the default,
+    selects them nowhere else), where each is a custom op whose implementation runs below autograd's
+    dispatch: the first-use checks pass there (no warning, no fallback), the compiled training step runs the
+    kernels and equals the plain step, and so does a compiled inference call (LoRA's decode kernel)."""
+    import warnings
+
+    from adapters import fused_switch
+    from adapters.plugin import FusedPathWarning
+
+    monkeypatch.setattr(fused_switch, "_CHECKS", {})  # nothing checked yet in this "process"
+    model = _tiny_qwen3(lora, bn, num_hidden_layers=1)
+    gen = torch.Generator().manual_seed(5)
+    embeds = torch.randn(2, 6, model.config.hidden_size, generator=gen)
+    probe = torch.randn(2, 6, model.config.hidden_size, generator=gen)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(run):
+        x = embeds.clone().requires_grad_()
+        loss = (run(inputs_embeds=x).last_hidden_state * probe).sum()
+        return (loss, *torch.autograd.grad(loss, [x, *params]))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    launches = fused.LAUNCHES[0], bn_fused.LAUNCHES[0], fused_decode.LAUNCHES[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusedPathWarning)
+        got = step(compiled)
+        with torch.no_grad():
+            got_infer = compiled(inputs_embeds=embeds).last_hidden_state
+    assert all(fused_switch._CHECKS.values()) and len(fused_switch._CHECKS) >= 2, fused_switch._CHECKS
+    assert fused.LAUNCHES[0] > launches[0] and bn_fused.LAUNCHES[0] > launches[1]
+    assert fused_decode.LAUNCHES[0] > launches[2] or lora.startswith("dora")  # DoRA has no decode kernel
+    fused.set_fused_mode("0")
+    want = step(model)
+    with torch.no_grad():
+        want_infer = model(inputs_embeds=embeds).last_hidden_state
+    for a, b in zip(got, want):
+        close(a.detach(), b.detach(), torch.float32)
+    close(got_infer, want_infer, torch.float32)
+    torch._dynamo.reset()

@@ -118,10 +118,23 @@ _TORCH_ACTS = (lambda t: t, F.relu, F.silu, F.gelu, lambda t: F.gelu(t, approxim
 
 
 def _act_grad(pre: torch.Tensor, act: int) -> torch.Tensor:
-    with torch.enable_grad():
-        p = pre.float().detach().requires_grad_()
-        (grad,) = torch.autograd.grad(_TORCH_ACTS[act](p).sum(), p)
-    return grad
+    """The activation's derivative at ``pre`` (float32), in closed form: autograd cannot run here, since a custom
+    op's implementation is called below autograd's dispatch inside compiled graphs (``torch.enable_grad()``
+    records nothing there)."""
+    p = pre.float()
+    if act == 0:
+        return torch.ones_like(p)
+    if act == 1:
+        return (p > 0).to(p.dtype)
+    if act == 2:  # silu: s(p) (1 + p (1 - s(p)))
+        s = torch.sigmoid(p)
+        return s * (1 + p * (1 - s))
+    if act == 3:  # exact gelu: Φ(p) + p φ(p)
+        return 0.5 * (1 + torch.erf(p * 0.7071067811865476)) + p * torch.exp(-0.5 * p * p) * 0.3989422804014327
+    # tanh gelu: 0.5 (1 + t) + 0.5 p (1 - t²) c (1 + 3·0.044715 p²), t = tanh(c (p + 0.044715 p³)), c = √(2/π)
+    c = 0.7978845608028654
+    t = torch.tanh(c * (p + 0.044715 * p ** 3))
+    return 0.5 * (1 + t) + 0.5 * p * (1 - t * t) * c * (1 + 3 * 0.044715 * p * p)
 
 
 def _kernels_ok(t: torch.Tensor) -> bool:

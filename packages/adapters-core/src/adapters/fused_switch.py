@@ -3,20 +3,21 @@
 
 Modes:
 
-* ``"0"`` (default; ``off``, ``false``, ``no``): never.
-* ``"compiled"``: inside ``torch.compile`` graphs only, for CUDA tensors when Triton is installed, and only the
-  kernels their package marks as measured faster there than inductor's code for the plain path
-  (``fused_selected(t, compiled_default=True)``: bottleneck training, LoRA decode). Eagerly nothing: an eager
-  decode or training step is bound by the host enqueueing kernels, and a Triton launch from Python costs
-  more host time than the ATen launches it replaces (README, "Fused training kernels").
+* ``"compiled"`` (the default): inside ``torch.compile`` graphs only, for CUDA tensors when Triton is
+  installed, and only the kernels their package marks ``COMPILED_DEFAULT``, meaning measured faster there
+  than inductor's code for the plain path (``fused_selected(t, compiled_default=True)``: bottleneck training,
+  LoRA decode). Eagerly nothing: an eager decode or training step is bound by the host enqueueing kernels,
+  and a Triton launch from Python costs more host time than the ATen launches it replaces (README, "Fused
+  training kernels"). On CPU, or without Triton, nothing changes.
+* ``"0"`` (``off``, ``false``, ``no``): never.
 * ``"auto"`` (``1``, ``on``, ``true``, ``yes``): every kernel, eager and compiled, for CUDA tensors when Triton
   is installed.
 * ``"force"``: every kernel for any device (CPU tensors need Triton's interpreter, ``TRITON_INTERPRET=1``:
   the tests).
 
-``compiled`` is not the default yet: its one GPU run (before Triton's presence was looked up at import
-instead of inside the traced selection) broke the compiled decode graph, and it has not run on a GPU since
-(README, "Fused training kernels"). An unknown ``ADAPTERS_FUSED`` value warns at import and means off;
+Each kernel is checked against torch on its first use per device and dtype (:func:`kernels_pass`; inside a
+compiled graph, where the kernel is a custom op, on the op's first run), and torch's operations compute its
+result where the check fails. An unknown ``ADAPTERS_FUSED`` value warns at import and means off;
 :func:`set_fused_mode` refuses one. Nothing here imports Triton.
 """
 
@@ -57,8 +58,8 @@ def fused_mode() -> str:
 
 _OFF = ("0", "off", "false", "no", "")
 _ON = ("1", "on", "true", "yes", "auto")
-_ACCEPTED = ("0 / off / false / no (never, the default), compiled (inside torch.compile: the kernels that pay "
-             "there), 1 / on / true / yes / auto (CUDA with Triton) or force (any device)")
+_ACCEPTED = ("compiled (the default: inside torch.compile, the kernels that pay there), 0 / off / false / no "
+             "(never), 1 / on / true / yes / auto (CUDA with Triton) or force (any device)")
 
 
 def _parse(mode: str) -> str | None:
@@ -83,7 +84,7 @@ def set_fused_mode(mode: str) -> str:
 def _mode_from_environment() -> str:
     """``ADAPTERS_FUSED`` at import: an unknown value warns and means off (an environment variable must never
     stop ``import adapters`` or a plugin from loading)."""
-    value = os.environ.get("ADAPTERS_FUSED", "0")
+    value = os.environ.get("ADAPTERS_FUSED", "compiled")
     parsed = _parse(value)
     if parsed is None:
         warnings.warn(f"ADAPTERS_FUSED={value!r} is not a fused-kernel mode ({_ACCEPTED}); the fused kernels stay "

@@ -343,12 +343,12 @@ class ReftLayer(AdapterLayer):
         if type(plan) is Leaf:
             unit: ReftUnit = self.adapters[plan.name]
             memo = _call_memo(current_context())
+            if memo is None:  # no memo (compiling): the key's id() of a traced tensor broke torch 2.11's graph
+                return unit.apply(h, *unit.slots(order, lengths))
             key = (_SLOT_KEY, unit.prefix, unit.suffix, unit.tied, id(order))
-            slots = memo.get(key) if memo is not None else None
+            slots = memo.get(key)
             if slots is None:
-                slots = unit.slots(order, lengths)
-                if memo is not None:
-                    memo[key] = slots
+                slots = memo[key] = unit.slots(order, lengths)
             return unit.apply(h, *slots)
         return self.run_plan(plan, (h, order, lengths))
 
