@@ -171,7 +171,8 @@ def _syncs_in_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -
     return sum(e.count for e in prof.key_averages() if "synchronize" in e.key.lower())
 
 
-for _config in ["lora", "dora", "ia3", "vera[r=16]", "seq_bn", "par_bn", "double_seq_bn", "loreft", "mtl_lora"]:
+for _config in ["lora", "dora", "ia3", "vera[r=16]", "seq_bn", "par_bn", "double_seq_bn", "loreft", "loreft[r=4]",
+                "mtl_lora"]:
 
     @check(f"bf16_gpu_forward_backward[{_config}]")
     def _run(config: str = _config) -> str:
