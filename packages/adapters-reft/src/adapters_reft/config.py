@@ -27,7 +27,7 @@ class ReftConfig(AdapterConfig):
     :param suffix_positions: how many of the last real tokens are edited.
     :param r: rank of the intervention (rows of ``R`` and ``W``).
     :param orthogonality: keep ``R``'s rows orthonormal (recomputed from a free parameter in float32
-        on every forward (Cholesky QR twice; one row: its norm), so it holds while training and after loading).
+        by Gram-Schmidt on every forward, so it holds exactly while training and after loading).
     :param tied_weights: prefix and suffix positions share one intervention; otherwise each has its own.
     :param subtract_projection: include the ``−Rh`` term (LoReFT, NoReFT); ``False`` for DiReFT.
     :param dropout: dropout on the edit ``act(Wh + b) − Rh`` while training.

@@ -83,32 +83,30 @@ def _prompt_lengths() -> torch.Tensor | None:
 
 
 def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
-    """Rows of ``a`` (r × d, r ≤ d, linearly independent) made orthonormal, computed in float32.
+    """Rows of ``a`` (r × d, r ≤ d) made orthonormal by Gram-Schmidt, computed in float32.
 
-    The result is the Q of ``aᵀ``'s QR decomposition with a positive diagonal (what Gram-Schmidt gives), a
-    deterministic, differentiable function of ``a``, orthonormal to float32 precision. One row is divided by
-    its norm. More rows take Cholesky QR twice: ``L Lᵀ = Q Qᵀ``, ``Q ← L⁻¹ Q``, starting from ``Q = a``; the
-    second pass restores what the first loses to rounding (Fukaya et al., "CholeskyQR2", 2014). That is a fixed
-    number of operations for any rank (40 forward and backward) where Gram-Schmidt's grow with r² (157 at
-    rank 4, 787 at rank 16), and every one a kernel launch on a GPU. No device synchronisation
-    (``cholesky_ex`` without its error check): linearly dependent rows, which the orthonormal initialisation
-    and training do not produce, give NaN. Autocast is off inside (the Gram matrix needs float32). Returned
-    in ``a``'s dtype.
+    Each row is orthogonalised twice against the previous ones ("twice is enough"), so the result
+    is orthonormal to float32 precision; it is the Q of ``a``'s QR decomposition with a positive
+    diagonal, a deterministic, differentiable function of ``a``. A single row is divided by its norm
+    (no per-row loop: the same numbers, fewer operations). Returned in ``a``'s dtype.
+
+    Gram-Schmidt's operation count grows with r² (157 forward and backward at rank 4, every one a kernel
+    launch on a GPU); Cholesky QR twice takes a fixed 40, but was rejected: rows with a condition number
+    from about 7e3 come out sign-flipped or NaN (its Cholesky factorisation fails, and checking that needs a
+    device synchronisation), a zero row makes every output NaN, where Gram-Schmidt stays finite.
     """
     a32 = a.float()
     if a32.shape[0] == 1:  # one row (LoReFT's default rank): its normalisation
         return (a32 / a32.norm(dim=1, keepdim=True).clamp_min(1e-12)).to(a.dtype)
-    if torch.is_autocast_enabled(a.device.type):
-        with torch.autocast(a.device.type, enabled=False):
-            return _cholesky_qr2(a32).to(a.dtype)
-    return _cholesky_qr2(a32).to(a.dtype)
-
-
-def _cholesky_qr2(q: torch.Tensor) -> torch.Tensor:
-    for _ in range(2):
-        lower, _info = torch.linalg.cholesky_ex(q @ q.t())
-        q = torch.linalg.solve_triangular(lower, q, upper=False)
-    return q
+    rows: list[torch.Tensor] = []
+    for i in range(a32.shape[0]):
+        v = a32[i]
+        if rows:
+            q = torch.stack(rows)
+            v = v - (q @ v) @ q
+            v = v - (q @ v) @ q
+        rows.append(v / v.norm().clamp_min(1e-12))
+    return torch.stack(rows).to(a.dtype)
 
 
 def _activation(name: str | None) -> nn.Module:
