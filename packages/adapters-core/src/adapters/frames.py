@@ -138,10 +138,11 @@ def _wrap_checkpointing(module: nn.Module) -> None:
 def _enter_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if module.training:
         _wrap_checkpointing(module)
-    if torch.compiler.is_compiling():
-        # traced: no tensor-keyed bookkeeping (addresses, weak references and the id counter cannot be traced;
-        # a checkpointed region the graph keeps recomputes inside it, and one it leaves to eager code finds its
-        # context through the wrapped checkpointing function above)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # traced, or under torch.func (grad, vmap: wrapped tensors have no storage address): no tensor-keyed
+        # bookkeeping (addresses, weak references and the id counter cannot be traced; a checkpointed region
+        # the graph keeps recomputes inside it, and one it leaves to eager code finds its context through the
+        # wrapped checkpointing function above)
         _frames().append(LayerFrame(module, False))
         return None
     ctx = current_context()

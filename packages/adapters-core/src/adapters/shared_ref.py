@@ -6,11 +6,18 @@ rules). Holding it through a plain Python reference breaks whatever torch does t
 original's tensors, and ``torch.compile`` / pickling see a hidden object. :class:`SharedRef` makes
 the shared module a real child of each user, so all of those follow it, and keeps it out of the
 user's state dict (it is saved once, where the model owns it: ``adapters_shared.<name>.<key>``).
+
+Listed with duplicates (``named_modules(remove_duplicate=False)``, and so ``named_parameters`` /
+``named_buffers``), a shared module appears only where the model owns it, not again under every user: torch's
+``torch.func.functional_call`` treats each listed path of one tensor as a tied copy to swap, and with several
+paths to one module slot it restored the slot to the substituted tensor, leaving the model computing with a
+detached copy of the shared weights after the call (training then silently stopped updating them).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -28,6 +35,15 @@ class SharedRef(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
+
+    def named_modules(self, memo: set | None = None, prefix: str = "",
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
+        """As :meth:`nn.Module.named_modules`, except that with ``remove_duplicate=False`` the shared module is
+        not listed under this wrapper (see the module docstring); it is where the model owns it."""
+        if remove_duplicate:
+            yield from super().named_modules(memo, prefix, remove_duplicate)
+        else:
+            yield prefix, self
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         return OrderedDict() if destination is None else destination
