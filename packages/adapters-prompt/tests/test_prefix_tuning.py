@@ -153,16 +153,24 @@ def test_refusals_leave_the_model_unchanged(arch, config, match):
     assert list(model.state_dict()) == keys and not model.adapters_config
 
 
-@pytest.mark.parametrize("config", [CONFIG, f"prompt_tuning[prompt_length={P}]"])
-def test_gradient_checkpointing_gives_the_same_gradients(config, helpers):
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("config", [CONFIG, f"prefix_tuning[prefix_length={P}, flat=True]",
+                                    f"prompt_tuning[prompt_length={P}]"])
+def test_gradient_checkpointing_gives_the_same_gradients(config, reentrant, helpers):
+    """The layers of a call share one evaluation of the prefix pool (``prefix.call_blocks``); a checkpointed
+    layer recomputed in the backward pass evaluates it afresh (reentrant: inside its own differentiated graph),
+    to the same values. Two calls precede one backward."""
     grads = []
     for checkpointing in (False, True):
         model = helpers.prepared("qwen3", "causal_lm", config)
         model.train_adapter("p")
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
         inputs = tiny_inputs(model)
-        model(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
+        loss = model(**inputs, labels=inputs["input_ids"], use_cache=False).loss
+        loss = loss + 0.5 * model(**inputs, labels=inputs["input_ids"].flip(1), use_cache=False).loss
+        loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model._adapters_state.adapter_parameters("p")]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)

@@ -251,6 +251,8 @@ class PrefixTuningMethod(AdapterMethod):
     supported_blocks = _BLOCKS
     hook_points = frozenset({"model_layers", "layer_self_attn", "layer_cross_attn", "attn_k_proj", "attn_qkv_proj"})
     formats = {"peft": (read_peft_prompt_learning, None), "adapterhub": (read_adapterhub_prefix, None)}
+    #: a call context: the layers share one evaluation of the prefix pool a call (``prefix.call_blocks``)
+    needs_context = True
 
     def average_config(self, config: PrefixTuningConfig, combine_strategy: str, **kwargs: Any) -> PrefixTuningConfig:
         """Refused: the prefixes live in model-level pools, which ``average_adapter`` would copy from the first

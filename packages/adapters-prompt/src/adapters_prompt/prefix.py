@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.plugin import AdapterError, AdapterLayer, PlanNode, SharedRef, StackPlan
+from adapters.plugin import AdapterError, AdapterLayer, PlanNode, SharedRef, StackPlan, current_context
 
 from .cache import fixed_size, pad_mask, pad_position_bias, wrap_cache
 from .calls import CACHE_KEYS, get_arg, set_arg
@@ -49,7 +49,9 @@ class PrefixMLP(nn.Module):
     """Reparameterised prefixes of ``layers`` attention modules: ``control_trans(wte)``, ``P × layers·width``.
 
     ``wte``: ``P × hidden``; ``control_trans``: ``Linear(hidden, bottleneck) → act → Linear(bottleneck,
-    layers · width)``. Each layer evaluates its own column block only (:meth:`layer_prefix`).
+    layers · width)``. Eagerly the whole output is computed and split into the layers' blocks
+    (:meth:`layer_blocks`, once a forward call: :func:`call_blocks`); under ``torch.compile`` each layer
+    evaluates its own column block (:meth:`layer_prefix`).
     """
 
     def __init__(self, length: int, hidden: int, bottleneck: int, layers: int, width: int, act: str,
@@ -71,6 +73,10 @@ class PrefixMLP(nn.Module):
         """Every layer's prefix, ``P × layers·width`` (no dropout)."""
         return self.control_trans(self.wte.weight)
 
+    def layer_blocks(self) -> tuple[torch.Tensor, ...]:
+        """Every layer's prefix before dropout, one ``P × width`` view each (backward: one ``stack``)."""
+        return self.prefixes().view(-1, self.layers, self.width).unbind(1)
+
 
 class PrefixFlat(nn.Module):
     """Prefixes of ``layers`` attention modules trained directly: ``control_trans``, ``P × layers·width``."""
@@ -89,6 +95,9 @@ class PrefixFlat(nn.Module):
 
     def prefixes(self) -> torch.Tensor:
         return self.control_trans
+
+    def layer_blocks(self) -> tuple[torch.Tensor, ...]:
+        return self.control_trans.view(-1, self.layers, self.width).unbind(1)
 
 
 class PrefixUnit(nn.Module):
@@ -117,8 +126,42 @@ class PrefixUnit(nn.Module):
 
     def kv(self) -> torch.Tensor:
         """``2 × H_kv × P × D``: keys, values."""
-        flat = self.pool.module.layer_prefix(self.columns)
+        pool = self.pool.module
+        if torch.compiler.is_compiling():  # an index buffer, not an int: one graph for every layer
+            flat = pool.layer_prefix(self.columns)
+        else:
+            flat = pool.dropout(call_blocks(pool, self.index)[self.index])
         return flat.view(flat.shape[0], 2, self.heads, self.head_dim).permute(1, 2, 0, 3)
+
+
+_BLOCKS_KEY = "adapters_prompt.prefix_blocks"
+
+
+def call_blocks(pool: PrefixMLP | PrefixFlat, index: int) -> tuple[torch.Tensor, ...]:
+    """``pool``'s layer blocks (:meth:`PrefixMLP.layer_blocks`) for the layer at ``index``, evaluated once a
+    forward call by its first layer and shared with the others (the call's ``ForwardContext.extra``, keyed by
+    the pool and the grad mode, with the index of the layer that evaluated them).
+
+    Gradient checkpointing re-runs a layer inside the backward pass, where nothing is stored: the layer that
+    evaluated the pool evaluates it again (non-reentrant checkpointing requires the same operations as its
+    forward pass), the others reuse the call's blocks; a grad-enabled re-run with no grad-enabled blocks
+    stored (reentrant checkpointing, whose forward pass ran without gradients and whose re-run is
+    differentiated on its own) evaluates the pool itself. Fresh or shared, the same operations on the same
+    inputs: the same values. Without a call context and under ``torch.func`` transforms, every layer evaluates
+    the pool."""
+    ctx = current_context()
+    if ctx is None or torch._C._are_functorch_transforms_active():
+        return pool.layer_blocks()
+    key = (_BLOCKS_KEY, id(pool), torch.is_grad_enabled())
+    entry = ctx.extra.get(key)
+    in_backward = torch._C._current_graph_task_id() != -1
+    if entry is None:
+        blocks = pool.layer_blocks()
+        if not in_backward:
+            ctx.extra[key] = (blocks, index)
+        return blocks
+    blocks, first = entry
+    return pool.layer_blocks() if in_backward and first == index else blocks
 
 
 class PrefixLayer(AdapterLayer):
@@ -185,7 +228,7 @@ def prefix_pre_hook(attr: str, module: nn.Module, args: tuple, kwargs: dict) -> 
     if not layer.cross and real is not None:
         own = real.self_attention_cache if hasattr(real, "self_attention_cache") else real
         past = cache_length(own, layer_idx if layer_idx is not None else 0)
-    args = set_arg(names, args, kwargs, layer.cache_name, wrap_cache(real, kv[:, 0], kv[:, 1], layer.cross),
+    args = set_arg(names, args, kwargs, layer.cache_name, wrap_cache(real, *kv.unbind(1), layer.cross),
                    aliases=CACHE_KEYS)
     query = hidden.shape[-2]
     config = getattr(inner, "config", None)
