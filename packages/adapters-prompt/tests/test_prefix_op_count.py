@@ -12,28 +12,11 @@ operations on a 2-layer model, against 11 and 25 now; peft's prefix tuning: 8 an
 from __future__ import annotations
 
 import pytest
-import torch
 
-import adapters
-from adapters.testing import count_step_ops, tiny_model
-
-
-def _added(config: str, layers: int) -> tuple[int, int]:
-    base = tiny_model("qwen3", num_hidden_layers=layers)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    embeds = torch.randn(2, 8, base.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    model = adapters.init(tiny_model("qwen3", num_hidden_layers=layers))
-    model.add_adapter("p", config=config)
-    model.train_adapter("p")
-    return (count_step_ops(model, embeds, False) - count_step_ops(base, embeds, False),
-            count_step_ops(model, embeds, True) - count_step_ops(base, embeds, True))
+from adapters.testing.layer_ops import ops_per_layer_and_call
 
 
 @pytest.mark.parametrize("config, per_call", [("prefix_tuning[prefix_length=4]", (3, 11)),
                                               ("prefix_tuning[prefix_length=4, flat=True]", (0, 1))])
 def test_prefix_operations_per_layer_and_call(config, per_call) -> None:
-    two, four = _added(config, 2), _added(config, 4)
-    per_layer = tuple((b - a) // 2 for a, b in zip(two, four))
-    assert per_layer == (4, 7)
-    assert tuple(a - 2 * p for a, p in zip(two, per_layer)) == per_call
+    assert ops_per_layer_and_call(config) == ((4, 7), per_call)

@@ -12,23 +12,8 @@ DiReFT (no ``R`` to orthonormalise, no ``−Rh``): 5 and 15.
 from __future__ import annotations
 
 import pytest
-import torch
 
-import adapters
-from adapters.testing import count_step_ops, tiny_model
-
-
-def _added(config: str, layers: int) -> tuple[int, int]:
-    """Operations a ReFT adapter adds to a forward call and to a training step of a ``layers``-layer Qwen3."""
-    base = tiny_model("qwen3", num_hidden_layers=layers)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    embeds = torch.randn(2, 8, base.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    model = adapters.init(tiny_model("qwen3", num_hidden_layers=layers))
-    model.add_adapter("r", config=config)
-    model.train_adapter("r")
-    return (count_step_ops(model, embeds, False) - count_step_ops(base, embeds, False),
-            count_step_ops(model, embeds, True) - count_step_ops(base, embeds, True))
+from adapters.testing.layer_ops import ops_per_layer_and_call
 
 
 @pytest.mark.parametrize("config, forward_ops, training_ops", [
@@ -37,8 +22,6 @@ def _added(config: str, layers: int) -> tuple[int, int]:
     ("direft[dropout=0.0]", 5, 15),
 ])
 def test_reft_operations_per_layer_and_call(config, forward_ops, training_ops) -> None:
-    two, four = _added(config, 2), _added(config, 4)
-    per_layer = tuple((b - a) // 2 for a, b in zip(two, four))
-    per_call = tuple(a - 2 * p for a, p in zip(two, per_layer))
+    per_layer, per_call = ops_per_layer_and_call(config)
     assert per_layer == (forward_ops, training_ops)
     assert per_call == (11, 11)  # the layout, once a call (the backward adds nothing to it)
