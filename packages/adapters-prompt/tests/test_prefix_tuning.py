@@ -176,6 +176,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(config, reentrant, help
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("config", [CONFIG, f"prefix_tuning[prefix_length={P}, flat=True]"])
+def test_checkpointing_the_whole_model_gives_the_same_gradients(config, reentrant, helpers):
+    """``torch.utils.checkpoint`` around the whole model call (an outer activation-checkpoint wrapper): its
+    re-run is a new call, which evaluates the prefix pool as the forward pass did (non-reentrant
+    checkpointing checks that the re-run repeats the forward operations)."""
+    grads = []
+    for checkpointing in (False, True):
+        model = helpers.prepared("qwen3", "causal_lm", config)
+        model.train_adapter("p")
+        inputs = tiny_inputs(model)
+        embeds = model.get_input_embeddings()(inputs["input_ids"]).detach().requires_grad_()
+
+        def loss(e, model=model, inputs=inputs):
+            return model(inputs_embeds=e, attention_mask=inputs["attention_mask"], labels=inputs["input_ids"],
+                         use_cache=False).loss
+
+        value = torch.utils.checkpoint.checkpoint(loss, embeds, use_reentrant=reentrant) if checkpointing else loss(
+            embeds)
+        value.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model._adapters_state.adapter_parameters("p")]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(("where", "kind"), [("encoder", "self"), ("decoder", "self"), ("decoder", "cross")])
 def test_t5_attention_by_hand(where, kind, helpers):
     """Independent reference, computed from T5's own weights: the prefix keys take part in the softmax with

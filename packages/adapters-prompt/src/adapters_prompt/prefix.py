@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.plugin import AdapterError, AdapterLayer, PlanNode, SharedRef, StackPlan, current_context
+from adapters.plugin import AdapterError, AdapterLayer, PlanNode, SharedRef, StackPlan, current_context, current_frame
 
 from .cache import fixed_size, pad_mask, pad_position_bias, wrap_cache
 from .calls import CACHE_KEYS, get_arg, set_arg
@@ -138,30 +138,39 @@ _BLOCKS_KEY = "adapters_prompt.prefix_blocks"
 
 
 def call_blocks(pool: PrefixMLP | PrefixFlat, index: int) -> tuple[torch.Tensor, ...]:
-    """``pool``'s layer blocks (:meth:`PrefixMLP.layer_blocks`) for the layer at ``index``, evaluated once a
-    forward call by its first layer and shared with the others (the call's ``ForwardContext.extra``, keyed by
-    the pool and the grad mode, with the index of the layer that evaluated them).
+    """``pool``'s layer blocks (:meth:`PrefixMLP.layer_blocks`) for the layer at ``index``: evaluated once a
+    pass by the first layer that needs them and shared with the others (in the call's ``ForwardContext.extra``,
+    keyed by the pool, the grad mode and the pass: the forward pass, or one backward pass's graph task).
 
-    Gradient checkpointing re-runs a layer inside the backward pass, where nothing is stored: the layer that
-    evaluated the pool evaluates it again (non-reentrant checkpointing requires the same operations as its
-    forward pass), the others reuse the call's blocks; a grad-enabled re-run with no grad-enabled blocks
-    stored (reentrant checkpointing, whose forward pass ran without gradients and whose re-run is
-    differentiated on its own) evaluates the pool itself. Fresh or shared, the same operations on the same
-    inputs: the same values. Without a call context and under ``torch.func`` transforms, every layer evaluates
-    the pool."""
+    Gradient checkpointing re-runs layers inside a backward pass, and non-reentrant checkpointing requires a
+    re-run to repeat its forward operations: re-running the layer call (frame) that evaluated the pool
+    evaluates it again; re-running another reuses the forward pass's blocks. Reentrant checkpointing's forward
+    pass runs without gradients and each layer's re-run is differentiated on its own: such a re-run evaluates
+    the pool itself. A model checkpointed as a whole re-runs as a new call, sharing blocks within its
+    re-run as the forward pass did. Fresh or shared, the same
+    operations on the same inputs: the same values. Without a call context and under ``torch.func``
+    transforms, every layer evaluates the pool."""
     ctx = current_context()
     if ctx is None or torch._C._are_functorch_transforms_active():
         return pool.layer_blocks()
-    key = (_BLOCKS_KEY, id(pool), torch.is_grad_enabled())
-    entry = ctx.extra.get(key)
-    in_backward = torch._C._current_graph_task_id() != -1
-    if entry is None:
-        blocks = pool.layer_blocks()
-        if not in_backward:
-            ctx.extra[key] = (blocks, index)
-        return blocks
-    blocks, first = entry
-    return pool.layer_blocks() if in_backward and first == index else blocks
+    task = torch._C._current_graph_task_id()  # -1 outside a backward pass
+    grad = torch.is_grad_enabled()
+    frame = current_frame()
+    owner = frame if frame is not None else index
+    entry = ctx.extra.get((_BLOCKS_KEY, id(pool), grad, task))
+    if entry is not None:
+        return entry[0]
+    if task != -1:
+        forward = ctx.extra.get((_BLOCKS_KEY, id(pool), grad, -1))
+        if forward is not None:
+            return pool.layer_blocks() if forward[1] is owner else forward[0]
+        if (_BLOCKS_KEY, id(pool), not grad, -1) in ctx.extra:
+            # reentrant checkpointing re-running one layer of a forward pass made without gradients: each
+            # re-run is differentiated on its own, so it must not share a tensor with another
+            return pool.layer_blocks()
+    blocks = pool.layer_blocks()
+    ctx.extra[(_BLOCKS_KEY, id(pool), grad, task)] = (blocks, owner)
+    return blocks
 
 
 class PrefixLayer(AdapterLayer):
