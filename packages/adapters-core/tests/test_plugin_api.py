@@ -24,7 +24,7 @@ EXPECTED = sorted([
     "names_match", "PEFT_PREFIX", "PEFT_WEIGHTS", "PEFT_WEIGHTS_PT", "peft_weights_path",
     "pattern_value", "FusedPathWarning", "device_programs", "fused_mode", "fused_selected", "set_fused_mode",
     "kernels_pass",
-    "adapter_dtype_at", "check_layer_indices",
+    "adapter_dtype_at", "check_layer_indices", "traced_or_transformed",
 ])
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ForwardContext", "current_context", "call_context", "AdapterSetup", "current_setup"]
+__all__ = ["ForwardContext", "current_context", "call_context", "AdapterSetup", "current_setup",
+           "traced_or_transformed"]
 
 _local = threading.local()
 #: How many AdapterSetup blocks are open in any thread (read in the pre-hook: skip the lookup at 0).
@@ -129,6 +130,14 @@ class ForwardContext:
             value = int(self.cache_position.reshape(-1)[0])
         self.extra["past_length"] = value
         return value
+
+
+def traced_or_transformed() -> bool:
+    """Whether the running code is traced by ``torch.compile`` or runs under a ``torch.func`` transform (``grad``,
+    ``vmap``). Bookkeeping keyed by tensor storage, versions or identities is then skipped: traced, reading those
+    breaks the graph; under ``torch.func`` the wrapped tensors have no storage, and a value computed from them
+    must not outlive the transform in a cache."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
 def current_context() -> ForwardContext | None:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .context import ForwardContext, current_context, pop_context, push_context
+from .context import ForwardContext, current_context, pop_context, push_context, traced_or_transformed
 
 __all__ = ["LayerFrame", "CallContextCheckpoint", "current_frame", "frame_child", "install_layer_frames",
            "remove_layer_frames"]
@@ -138,7 +138,7 @@ def _wrap_checkpointing(module: nn.Module) -> None:
 def _enter_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if module.training:
         _wrap_checkpointing(module)
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if traced_or_transformed():
         # traced, or under torch.func (grad, vmap: wrapped tensors have no storage address): no tensor-keyed
         # bookkeeping (addresses, weak references and the id counter cannot be traced; a checkpointed region
         # the graph keeps recomputes inside it, and one it leaves to eager code finds its context through the

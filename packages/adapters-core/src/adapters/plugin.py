@@ -22,7 +22,7 @@ from .checkpoint_io import (
     read_json,
     read_tensors,
 )
-from .context import ForwardContext, current_context
+from .context import ForwardContext, current_context, traced_or_transformed
 from .errors import AdapterError, CheckpointError, CompositionError
 from .foreign import (
     PEFT_PREFIX,
@@ -160,6 +160,7 @@ __all__ = [
     "check_module_fields",
     "count_rows",
     "current_context",
+    "traced_or_transformed",
     "current_frame",
     "execute",
     "frame_child",

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.plugin import Rows, row_index
+from adapters.plugin import Rows, row_index, traced_or_transformed
 
 from .config import LoRAConfig
 
@@ -268,9 +268,7 @@ class DoRADelta(LoRADelta):
         """``‖W_i‖²`` per row, cached while the frozen weight is unchanged (keyed on its version
         counter and storage), so the forward pass does not re-read and square the whole ``W``. The rows of
         a quantized base are a transient dequantized copy: the key is then the layer's stored weight."""
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-            # before any data_ptr() / _version read: those break a graph, and torch.func's wrapped tensors have
-            # no storage (nor may a value computed from them outlive the transform in a cache)
+        if traced_or_transformed():  # before any data_ptr() / _version read
             return (w_rows * w_rows).sum(dim=1)
         if layer is not None and layer.quantization is not None:
             key = (*layer.weight_key(), w_rows.shape, w_rows.dtype)

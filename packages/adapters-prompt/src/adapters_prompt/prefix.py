@@ -26,7 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.plugin import AdapterError, AdapterLayer, PlanNode, SharedRef, StackPlan, current_context, current_frame
+from adapters.plugin import (
+    AdapterError,
+    AdapterLayer,
+    PlanNode,
+    SharedRef,
+    StackPlan,
+    current_context,
+    current_frame,
+    traced_or_transformed,
+)
 
 from .cache import fixed_size, pad_mask, pad_position_bias, wrap_cache
 from .calls import CACHE_KEYS, get_arg, set_arg
@@ -50,7 +59,7 @@ class PrefixMLP(nn.Module):
 
     ``wte``: ``P × hidden``; ``control_trans``: ``Linear(hidden, bottleneck) → act → Linear(bottleneck,
     layers · width)``. Eagerly the whole output is computed and split into the layers' blocks
-    (:meth:`layer_blocks`, once a forward call: :func:`call_blocks`); under ``torch.compile`` each layer
+    (:func:`layer_blocks`, once a forward call: :func:`call_blocks`); under ``torch.compile`` each layer
     evaluates its own column block (:meth:`layer_prefix`).
     """
 
@@ -73,10 +82,6 @@ class PrefixMLP(nn.Module):
         """Every layer's prefix, ``P × layers·width`` (no dropout)."""
         return self.control_trans(self.wte.weight)
 
-    def layer_blocks(self) -> tuple[torch.Tensor, ...]:
-        """Every layer's prefix before dropout, one ``P × width`` view each (backward: one ``stack``)."""
-        return self.prefixes().view(-1, self.layers, self.width).unbind(1)
-
 
 class PrefixFlat(nn.Module):
     """Prefixes of ``layers`` attention modules trained directly: ``control_trans``, ``P × layers·width``."""
@@ -95,9 +100,6 @@ class PrefixFlat(nn.Module):
 
     def prefixes(self) -> torch.Tensor:
         return self.control_trans
-
-    def layer_blocks(self) -> tuple[torch.Tensor, ...]:
-        return self.control_trans.view(-1, self.layers, self.width).unbind(1)
 
 
 class PrefixUnit(nn.Module):
@@ -137,8 +139,14 @@ class PrefixUnit(nn.Module):
 _BLOCKS_KEY = "adapters_prompt.prefix_blocks"
 
 
+def layer_blocks(pool: PrefixMLP | PrefixFlat) -> tuple[torch.Tensor, ...]:
+    """Every layer's prefix before dropout, one ``P × width`` view each of ``pool.prefixes()`` (backward: one
+    ``stack``)."""
+    return pool.prefixes().view(-1, pool.layers, pool.width).unbind(1)
+
+
 def call_blocks(pool: PrefixMLP | PrefixFlat, index: int) -> tuple[torch.Tensor, ...]:
-    """``pool``'s layer blocks (:meth:`PrefixMLP.layer_blocks`) for the layer at ``index``: evaluated once a
+    """``pool``'s layer blocks (:func:`layer_blocks`) for the layer at ``index``: evaluated once a
     pass by the first layer that needs them and shared with the others (in the call's ``ForwardContext.extra``,
     keyed by the pool, the grad mode and the pass: the forward pass, or one backward pass's graph task).
 
@@ -151,8 +159,8 @@ def call_blocks(pool: PrefixMLP | PrefixFlat, index: int) -> tuple[torch.Tensor,
     operations on the same inputs: the same values. Without a call context and under ``torch.func``
     transforms, every layer evaluates the pool."""
     ctx = current_context()
-    if ctx is None or torch._C._are_functorch_transforms_active():
-        return pool.layer_blocks()
+    if ctx is None or traced_or_transformed():
+        return layer_blocks(pool)
     task = torch._C._current_graph_task_id()  # -1 outside a backward pass
     grad = torch.is_grad_enabled()
     frame = current_frame()
@@ -163,12 +171,12 @@ def call_blocks(pool: PrefixMLP | PrefixFlat, index: int) -> tuple[torch.Tensor,
     if task != -1:
         forward = ctx.extra.get((_BLOCKS_KEY, id(pool), grad, -1))
         if forward is not None:
-            return pool.layer_blocks() if forward[1] is owner else forward[0]
+            return layer_blocks(pool) if forward[1] == owner else forward[0]
         if (_BLOCKS_KEY, id(pool), not grad, -1) in ctx.extra:
             # reentrant checkpointing re-running one layer of a forward pass made without gradients: each
             # re-run is differentiated on its own, so it must not share a tensor with another
-            return pool.layer_blocks()
-    blocks = pool.layer_blocks()
+            return layer_blocks(pool)
+    blocks = layer_blocks(pool)
     ctx.extra[(_BLOCKS_KEY, id(pool), grad, task)] = (blocks, owner)
     return blocks
 
